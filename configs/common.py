@@ -1,0 +1,100 @@
+"""Shared base of every depthuda experiment config.
+
+Experiment files (`configs/<experiment>.py`) call `get_base_config()` and override what differs;
+the numbers here are the original's (METHOD.md §1-§7 in the project's notes, BUILD_NOTES.md).
+"""
+
+import ml_collections
+
+# METHOD §5: class weights of the segmentation loss.
+CLASS_WEIGHTS_16 = (0.327, 0.313, 0.206, 22.427, 22.558, 5.811, 155.643, 59.528, 0.586, 0.882,
+                    1.423, 12.871, 1.488, 3.955, 29.164, 27.563)
+CLASS_WEIGHTS_7 = (0.349, 0.462, 11.576, 1.325, 1.993, 3.216, 3.192)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """SYNTHIA -> Cityscapes, 16 classes, DeepLabV2-ResNet101 at 1280x760 (the paper's setup)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 1  # Global images per domain per step; the original trains 1 source + 1 target.
+  c.init_from = ''  # A directory written by `python -m depthuda.convert` (ImageNet or trained).
+  c.compute_dtype = 'float32'
+  c.checkpoint_every_steps = 2000
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.log_images_every_steps = 5000
+  c.nonfinite = 'stop'  # 'stop' or 'skip' a step whose loss is not finite.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.layers = (3, 4, 23, 3)
+  c.model.width = 64
+  c.model.bn_mode = 'train'  # 'train' (original: batch statistics, running stats updated) | 'frozen'
+  c.model.bn_sync = False    # True: batch statistics averaged over all devices (SyncBN).
+  c.model.disc_ndf = 64
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'synthia'
+  c.data.target = 'cityscapes'
+  c.data.source_dir = 'data/SYNTHIA-RAND-CITYSCAPES'
+  c.data.target_dir = 'data/cityscapes'
+  c.data.tfds_dir = 'data/tfds'
+  c.data.num_classes = 16
+  c.data.input_size = (1280, 760)   # (W, H)
+  c.data.label_size = (2048, 1024)  # (W, H) of the evaluation labels.
+  c.data.toy = False
+  c.data.cache_decoded = False
+  c.data.shuffle_buffer = 512
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambda_seg = 1.0
+  c.loss.lambda_depth = 0.005
+  c.loss.lambda_bal_src = 0.01
+  c.loss.lambda_bal_tgt = 0.05
+  c.loss.lambda_adv = 0.05
+  c.loss.class_weights = CLASS_WEIGHTS_16
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2.5e-4
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.optim.poly_power = 0.9
+  c.optim.poly_horizon = 90_000
+  c.optim.disc_lr = 1e-3
+  c.optim.disc_b1 = 0.9
+  c.optim.disc_b2 = 0.99
+
+  c.adapt = ml_collections.ConfigDict()
+  c.adapt.num_steps = 90_000
+  c.self_train = ml_collections.ConfigDict()
+  c.self_train.num_steps = 30_000
+
+  c.gmm = ml_collections.ConfigDict()
+  c.gmm.num_components = 5
+  c.gmm.max_iters = 100
+  c.gmm.tol = 1e-3
+  c.gmm.var_floor = 1e-6
+  c.gmm.density_scale = 1e6  # The 1e6 of g(p) = 255 (1 - exp(-1e6 p)), METHOD §4.
+
+  c.pseudo = ml_collections.ConfigDict()
+  c.pseudo.threshold = 0.9
+  # None: computed from the source pixel counts (METHOD §6); a tuple overrides.
+  c.pseudo.min_region_sizes = ml_collections.FieldReference(None, field_type=tuple)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_images = 0  # 0: the whole validation set.
+  c.eval.num_panels = 4
+  return c
+
+
+def seven_class(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The 7-class variant (flat, construction, object, nature, sky, human, vehicle)."""
+  c.data.num_classes = 7
+  c.loss.class_weights = CLASS_WEIGHTS_7
+  return c
+
+
+def small_input(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The 'small' variants: 640x320 input, a 81x41 feature grid."""
+  c.data.input_size = (640, 320)
+  return c

@@ -1,0 +1,1 @@
+"""depthuda: domain adaptation for semantic segmentation using depth distribution."""

@@ -1,0 +1,417 @@
+"""Per-class diagonal Gaussian mixtures over (x, y, inverse depth), fitted by EM in JAX.
+
+METHOD §4: every class c has a K-component diagonal GMM over the source points of that class,
+(x, y, z) = (grid column, grid row, inverse depth). All classes are fitted at once: arrays carry a
+leading class axis [C, ...], the per-class routines are vmapped, and classes with different point
+counts share one padded array [C, N, D] with a mask [C, N]. Masked entries never reach the
+arithmetic (they are replaced by zeros first), so whatever sits under the mask has no influence.
+
+Numerics (float32 at the real scale: x up to 161, y up to 96, z from ~1 to hundreds):
+- EM runs in per-class standardised coordinates (each dimension minus the class mean, divided by
+  the class std) and the result is mapped back. For a diagonal GMM this change of frame is exact
+  (means and variances map componentwise, log-likelihoods shift by a per-class constant, so the
+  tolerance test is unchanged); only the rounding improves. `var_floor` is applied in the original
+  coordinates, as sklearn's `reg_covar`.
+- Second moments are accumulated about the component means of the E-step rather than about zero:
+  a component that collapses onto one value (sky at inverse depth 1, a pole on one grid column)
+  then gets exactly `var_floor`, not the float32 noise of E[x^2] - E[x]^2.
+
+A class without points gets weights 1/K, means 0 and variances 1 (a standard normal at the
+origin): finite everywhere, and its density is negligible at every real grid cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+import functools
+import math
+
+import flax
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+# Added to every component mass, as sklearn does (10 * eps), so weights never reach exactly 0.
+_MASS_EPS = 10 * float(jnp.finfo(jnp.float32).eps)
+
+
+@flax.struct.dataclass
+class GMMParams:
+  """weights [C, K] (rows sum to 1), means [C, K, D], variances [C, K, D] (diagonal)."""
+  weights: jax.Array
+  means: jax.Array
+  variances: jax.Array
+
+
+@flax.struct.dataclass
+class SufficientStats:
+  """E-step sums for one set of parameters; every field adds over chunks, devices and hosts.
+
+  With r_nk the responsibilities and mu_k the means the E-step used:
+  resp_sums [C, K] = sum_n r_nk; weighted_sums [C, K, D] = sum_n r_nk (x_n - mu_k);
+  weighted_squares [C, K, D] = sum_n r_nk (x_n - mu_k)^2; reference_sums [C, K, D] =
+  sum_n r_nk mu_k (carries mu_k through a plain sum, so `lax.psum` of the whole tree is valid);
+  loglik [C] = sum_n log p(x_n); counts [C] int32 = number of unmasked points.
+  """
+  resp_sums: jax.Array
+  weighted_sums: jax.Array
+  weighted_squares: jax.Array
+  reference_sums: jax.Array
+  loglik: jax.Array
+  counts: jax.Array
+
+  def __add__(self, other: SufficientStats) -> SufficientStats:
+    return jax.tree.map(jnp.add, self, other)
+
+
+@flax.struct.dataclass
+class _Frame:
+  """Per-class standardisation: x_std = (x - offset) / scale; offset, scale [C, D]."""
+  offset: jax.Array
+  scale: jax.Array
+
+
+def _log_joint(weights, means, variances, x):
+  """log pi_k + log N(x; mu_k, diag var_k): weights [..., K], means [..., K, D], x [..., D] -> [..., K]."""
+  log_norm = jnp.log(weights) - 0.5 * jnp.sum(jnp.log(2 * jnp.pi * variances), axis=-1)
+  return log_norm - 0.5 * jnp.sum((x[..., None, :] - means) ** 2 / variances, axis=-1)
+
+
+def log_density(params: GMMParams, x: jax.Array, class_ids: jax.Array) -> jax.Array:
+  """log sum_k pi_ck prod_h N(x_h; mu_ckh, var_ckh): x [..., D], class_ids [...] int -> [...]."""
+  return jax.nn.logsumexp(
+      _log_joint(params.weights[class_ids], params.means[class_ids],
+                 params.variances[class_ids], x), axis=-1)
+
+
+def _moments(x, mask, resp, means, loglik):
+  """Per-class sums from responsibilities resp [N, K] (already zero where masked)."""
+  dev = x[:, None, :] - means
+  weighted_dev = resp[..., None] * dev
+  resp_sums = jnp.sum(resp, axis=0)
+  return SufficientStats(resp_sums=resp_sums, weighted_sums=jnp.sum(weighted_dev, axis=0),
+                         weighted_squares=jnp.sum(weighted_dev * dev, axis=0),
+                         reference_sums=resp_sums[:, None] * means, loglik=loglik,
+                         counts=jnp.sum(mask, dtype=jnp.int32))
+
+
+def _class_stats(offset, scale, weights, means, variances, x, mask):
+  """Soft E-step of one class: x [N, D], mask [N]; params in the standardised frame."""
+  x = jnp.where(mask[:, None], (x - offset) / scale, 0.0)
+  log_joint = _log_joint(weights, means, variances, x)
+  loglik = jax.nn.logsumexp(log_joint, axis=-1)
+  resp = jnp.exp(log_joint - loglik[:, None]) * mask[:, None]
+  return _moments(x, mask, resp, means, jnp.sum(jnp.where(mask, loglik, 0.0)))
+
+
+def _class_assign_stats(offset, scale, centers, x, mask):
+  """Hard (k-means) assignment of one class; loglik holds minus the inertia."""
+  x = jnp.where(mask[:, None], (x - offset) / scale, 0.0)
+  dist2 = jnp.sum((x[:, None, :] - centers) ** 2, axis=-1)
+  resp = jax.nn.one_hot(jnp.argmin(dist2, axis=-1), centers.shape[0]) * mask[:, None]
+  return _moments(x, mask, resp, centers, -jnp.sum(jnp.where(mask, jnp.min(dist2, -1), 0.0)))
+
+
+def _stats(frame: _Frame, params: GMMParams, points, mask) -> SufficientStats:
+  """Soft stats of all classes; points [C, N, D] or [N, D] (shared by every class)."""
+  shared = None if points.ndim == 2 else 0
+  return jax.vmap(_class_stats, in_axes=(0, 0, 0, 0, 0, shared, 0))(
+      frame.offset, frame.scale, params.weights, params.means, params.variances, points, mask)
+
+
+def _assign_stats(frame: _Frame, centers, points, mask) -> SufficientStats:
+  shared = None if points.ndim == 2 else 0
+  return jax.vmap(_class_assign_stats, in_axes=(0, 0, 0, shared, 0))(
+      frame.offset, frame.scale, centers, points, mask)
+
+
+def _identity_frame(num_classes: int, dim: int) -> _Frame:
+  return _Frame(offset=jnp.zeros((num_classes, dim)), scale=jnp.ones((num_classes, dim)))
+
+
+@jax.jit
+def accumulate(params: GMMParams, points: jax.Array, mask: jax.Array) -> SufficientStats:
+  """E-step sums of `points` [C, N, D] (or [N, D] shared by all classes), mask [C, N] bool."""
+  frame = _identity_frame(*params.weights.shape[:1], params.means.shape[-1])
+  return _stats(frame, params, points.astype(jnp.float32), mask.astype(bool))
+
+
+@jax.jit
+def m_step(stats: SufficientStats, var_floor: float | jax.Array) -> GMMParams:
+  """Maximum-likelihood parameters from summed stats; var_floor broadcasts to [C, K, D].
+
+  A component without responsibility keeps a weight of ~1e-6 / N, mean 0 and variance
+  var_floor, like sklearn's; a class without points gets uniform weights.
+  """
+  mass = stats.resp_sums + _MASS_EPS
+  safe = jnp.maximum(stats.resp_sums, jnp.finfo(jnp.float32).tiny)[..., None]
+  shift = stats.weighted_sums / safe
+  means = stats.reference_sums / safe + shift
+  variances = jnp.maximum(stats.weighted_squares / safe - shift ** 2, 0.0) + var_floor
+  return GMMParams(weights=mass / jnp.sum(mass, axis=-1, keepdims=True), means=means,
+                   variances=variances)
+
+
+def mean_log_likelihood(params: GMMParams, points: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean log density per unmasked point, per class: [C] (NaN for a class without points)."""
+  stats = accumulate(params, points, mask)
+  return stats.loglik / stats.counts
+
+
+def grid_points(depth_grid: jax.Array) -> jax.Array:
+  """(x, y, z) of every grid cell: depth_grid [..., h, w] -> [..., h, w, 3]; x = column, y = row."""
+  h, w = depth_grid.shape[-2:]
+  rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                            indexing='ij')
+  depth_grid = depth_grid.astype(jnp.float32)
+  return jnp.stack([jnp.broadcast_to(cols, depth_grid.shape),
+                    jnp.broadcast_to(rows, depth_grid.shape), depth_grid], axis=-1)
+
+
+def class_points(label_grid: jax.Array, depth_grid: jax.Array,
+                 num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Grid cells as fit input: label_grid, depth_grid [B, h, w] -> points [B*h*w, 3] (shared by
+  all classes), mask [C, B*h*w] (cell of class c; 255 and other labels are in no class)."""
+  points = grid_points(depth_grid).reshape(-1, 3)
+  mask = label_grid.reshape(1, -1) == jnp.arange(num_classes)[:, None]
+  return points, mask
+
+
+def _fit_frame(points: jax.Array, mask: jax.Array) -> _Frame:
+  """Per-class mean and std of the masked points [C, N, D] (std 1 where it is 0)."""
+  m = mask[..., None]
+  count = jnp.maximum(jnp.sum(m, axis=1), 1)
+  offset = jnp.sum(jnp.where(m, points, 0.0), axis=1) / count
+  var = jnp.sum(jnp.where(m, (points - offset[:, None]) ** 2, 0.0), axis=1) / count
+  return _Frame(offset=offset, scale=jnp.where(var > 0, jnp.sqrt(var), 1.0))
+
+
+def _kmeans_plusplus(key, offset, scale, x, mask, num_components: int):
+  """k-means++ seeds of one class among its masked points (standardised): -> [K, D]."""
+  x = jnp.where(mask[:, None], (x - offset) / scale, 0.0)
+  keys = jax.random.split(key, num_components)
+  uniform = jnp.where(mask, 0.0, -jnp.inf)
+
+  def add_center(k, carry):
+    centers, dist2 = carry
+    # D^2 sampling; with every point on a chosen seed already, fall back to uniform.
+    logits = jnp.where(dist2 > 0, jnp.log(jnp.where(dist2 > 0, dist2, 1.0)), -jnp.inf)
+    logits = jnp.where(jnp.any(dist2 > 0), logits, uniform)
+    center = x[jax.random.categorical(keys[k], logits)]
+    new_dist2 = jnp.where(mask, jnp.sum((x - center) ** 2, axis=-1), 0.0)
+    return centers.at[k].set(center), jnp.minimum(dist2, new_dist2)
+
+  first = x[jax.random.categorical(keys[0], uniform)]
+  centers = jnp.zeros((num_components, x.shape[-1])).at[0].set(first)
+  dist2 = jnp.where(mask, jnp.sum((x - first) ** 2, axis=-1), 0.0)
+  return lax.fori_loop(1, num_components, add_center, (centers, dist2))[0]
+
+
+def _to_chunks(points, mask, chunk_size: int):
+  """[C, N, D], [C, N] -> [n, C, chunk, D], [n, C, chunk] (zero-padded, padding masked)."""
+  n_points = points.shape[1]
+  chunk = min(chunk_size, n_points)
+  n = -(-n_points // chunk)
+  pad = n * chunk - n_points
+  points = jnp.pad(points, ((0, 0), (0, pad), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  return (points.reshape(points.shape[0], n, chunk, -1).swapaxes(0, 1),
+          mask.reshape(mask.shape[0], n, chunk).swapaxes(0, 1))
+
+
+def _sum_chunks(stats_fn, chunks) -> SufficientStats:
+  """stats_fn(points, mask) summed over chunks with lax.scan (bounded memory)."""
+  shapes = jax.eval_shape(stats_fn, chunks[0][0], chunks[1][0])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return lax.scan(lambda total, c: (total + stats_fn(*c), None), zeros, chunks)[0]
+
+
+def _initial_params(key, frame, points, mask, num_components, kmeans_iters, floor, chunk_size):
+  """k-means++ seeds, `kmeans_iters` Lloyd steps, then one M-step from hard assignments."""
+  keys = jax.random.split(key, points.shape[0])
+  centers = jax.vmap(_kmeans_plusplus, in_axes=(0, 0, 0, 0, 0, None))(
+      keys, frame.offset, frame.scale, points, mask, num_components)
+  chunks = _to_chunks(points, mask, chunk_size)
+
+  def lloyd(_, centers):
+    stats = _sum_chunks(functools.partial(_assign_stats, frame, centers), chunks)
+    # An emptied cluster keeps its seed.
+    return jnp.where(stats.resp_sums[..., None] > 0, m_step(stats, 0.0).means, centers)
+
+  centers = lax.fori_loop(0, kmeans_iters, lloyd, centers)
+  return m_step(_sum_chunks(functools.partial(_assign_stats, frame, centers), chunks), floor)
+
+
+def _select(pick_new, new: GMMParams, old: GMMParams) -> GMMParams:
+  """Per class [C]: new params where pick_new, else old (converged classes stay frozen)."""
+  return jax.tree.map(lambda a, b: jnp.where(pick_new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                      new, old)
+
+
+def _to_original(frame: _Frame, params: GMMParams, counts) -> GMMParams:
+  """Standardised params -> original coordinates; classes without points get the default."""
+  means = params.means * frame.scale[:, None] + frame.offset[:, None]
+  variances = params.variances * frame.scale[:, None] ** 2
+  empty = (counts == 0)[:, None]
+  k = params.weights.shape[-1]
+  return GMMParams(weights=jnp.where(empty, 1.0 / k, params.weights),
+                   means=jnp.where(empty[..., None], 0.0, means),
+                   variances=jnp.where(empty[..., None], 1.0, variances))
+
+
+def _info(num_iters, converged, mean_loglik, counts, frame: _Frame) -> dict:
+  """Fit summary from the last E-step's mean log-likelihoods [C] (standardised frame)."""
+  present = counts > 0
+  class_mean = jnp.where(present, mean_loglik - jnp.sum(jnp.log(frame.scale), axis=-1), jnp.nan)
+  total = jnp.sum(jnp.where(present, class_mean * counts, 0.0))
+  return {'iterations': jnp.max(num_iters), 'class_iterations': num_iters,
+          'converged': converged, 'class_mean_log_likelihood': class_mean,
+          'mean_log_likelihood': total / jnp.maximum(jnp.sum(counts), 1)}
+
+
+@functools.partial(jax.jit, static_argnames=('num_components', 'max_iters', 'kmeans_iters',
+                                             'chunk_size'))
+def _fit(points, mask, seed, tol, var_floor, *, num_components, max_iters, kmeans_iters,
+         chunk_size):
+  frame = _fit_frame(points, mask)
+  floor = var_floor / frame.scale[:, None, :] ** 2
+  params = _initial_params(jax.random.key(seed), frame, points, mask, num_components,
+                           kmeans_iters, floor, chunk_size)
+  chunks = _to_chunks(points, mask, chunk_size)
+  counts = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  num_classes = points.shape[0]
+
+  def cond(state):
+    _, _, _, converged, step = state
+    return (step < max_iters) & ~jnp.all(converged)
+
+  def body(state):
+    params, prev, num_iters, converged, step = state
+    stats = _sum_chunks(functools.partial(_stats, frame, params), chunks)
+    loglik = stats.loglik / jnp.maximum(stats.counts, 1)
+    active = ~converged
+    params = _select(active, m_step(stats, floor), params)
+    # sklearn's rule: stop once the mean log-likelihood per point moves by less than tol.
+    converged = converged | (jnp.abs(loglik - prev) < tol)
+    prev = jnp.where(active, loglik, prev)
+    return params, prev, num_iters + active, converged, step + 1
+
+  init = (params, jnp.full((num_classes,), -jnp.inf), jnp.zeros((num_classes,), jnp.int32),
+          counts == 0, 0)
+  params, mean_loglik, num_iters, converged, _ = lax.while_loop(cond, body, init)
+  info = _info(num_iters, converged, mean_loglik, counts, frame)
+  return _to_original(frame, params, counts), info
+
+
+def fit(points: jax.Array, mask: jax.Array, num_components: int = 5, seed: int = 0,
+        max_iters: int = 100, tol: float = 1e-3, var_floor: float = 1e-6, *,
+        kmeans_iters: int = 10, chunk_size: int = 65536, return_info: bool = False):
+  """EM for C diagonal GMMs at once on in-memory points.
+
+  Args:
+    points: [C, N, D] float; class c's points are points[c][mask[c]].
+    mask: [C, N] bool.
+    num_components: K.
+    seed: k-means++ seed.
+    max_iters: cap on EM iterations (each class stops on its own once converged).
+    tol: convergence threshold on the change of the mean log-likelihood per point.
+    var_floor: added to every variance (sklearn's reg_covar), in the original coordinates.
+    kmeans_iters: Lloyd iterations after k-means++ seeding, before EM.
+    chunk_size: points per class processed at once (bounds memory at ~C*chunk*K*D floats).
+    return_info: also return a dict: 'iterations' (max over classes), 'class_iterations' [C],
+      'converged' [C], 'class_mean_log_likelihood' [C], 'mean_log_likelihood' (all points), the
+      log-likelihoods those of the last E-step.
+  Returns:
+    GMMParams in the coordinates of `points` (and the info dict if return_info).
+  """
+  params, info = _fit(jnp.asarray(points, jnp.float32), jnp.asarray(mask, bool), seed,
+                      jnp.float32(tol), jnp.float32(var_floor), num_components=num_components,
+                      max_iters=max_iters, kmeans_iters=kmeans_iters, chunk_size=chunk_size)
+  return (params, info) if return_info else params
+
+
+@functools.partial(jax.jit, static_argnames=('num_components', 'kmeans_iters', 'chunk_size'))
+def _streaming_init(points, mask, seed, var_floor, *, num_components, kmeans_iters, chunk_size):
+  frame = _fit_frame(points, mask)
+  floor = var_floor / frame.scale[:, None, :] ** 2
+  return frame, floor, _initial_params(jax.random.key(seed), frame, points, mask,
+                                       num_components, kmeans_iters, floor, chunk_size)
+
+
+_stats_jit = jax.jit(_stats)
+
+
+def _pieces(points, mask, chunk_size: int):
+  """Split a chunk along N into pieces of a few fixed sizes, so `_stats_jit` compiles rarely."""
+  n = points.shape[-2]
+  size = chunk_size if n >= chunk_size else max(256, 1 << max(n - 1, 0).bit_length())
+  for start in range(0, n, size):
+    p, m = points[..., start:start + size, :], mask[..., start:start + size]
+    pad = size - p.shape[-2]
+    if pad:
+      p = np.pad(np.asarray(p), [(0, 0)] * (p.ndim - 2) + [(0, pad), (0, 0)])
+      m = np.pad(np.asarray(m), [(0, 0), (0, pad)])
+    yield p, m
+
+
+def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
+                  init_points: jax.Array, init_mask: jax.Array, num_components: int = 5,
+                  seed: int = 0, max_iters: int = 100, tol: float = 1e-3,
+                  var_floor: float = 1e-6,
+                  reduce_fn: Callable[[SufficientStats], SufficientStats] | None = None, *,
+                  kmeans_iters: int = 10, chunk_size: int = 65536,
+                  progress: Callable[[int, float], None] | None = None
+                  ) -> tuple[GMMParams, dict]:
+  """EM whose every iteration streams the data: for point sets too large for one array.
+
+  Args:
+    chunks: called once per EM iteration; yields (points, mask) with points [C, n, D] or [n, D]
+      (one set shared by all classes, e.g. from `class_points`) and mask [C, n] bool. n may vary
+      between chunks; each is cut into pieces of `chunk_size` (smaller ones padded to a power
+      of two), so only a few shapes are ever compiled.
+    init_points, init_mask: [C, M, D], [C, M] in-memory sample (e.g. a uniform subsample of
+      every class) for the standardisation frame and the k-means++ / Lloyd initialisation.
+      Every class with points in `chunks` should have points here. On several hosts it must be
+      the same everywhere.
+    reduce_fn: applied to this process's summed SufficientStats once per iteration; must return
+      the global sum, identical on every process (default: identity, one process).
+    progress: called after each iteration as progress(iteration, mean_log_likelihood).
+    Other arguments as in `fit`.
+  Returns:
+    (GMMParams in the original coordinates, info dict as in `fit`, numpy values).
+  """
+  reduce_fn = reduce_fn or (lambda stats: stats)
+  frame, floor, params = _streaming_init(
+      jnp.asarray(init_points, jnp.float32), jnp.asarray(init_mask, bool), seed,
+      jnp.float32(var_floor), num_components=num_components, kmeans_iters=kmeans_iters,
+      chunk_size=chunk_size)
+  num_classes = params.weights.shape[0]
+  prev = np.full(num_classes, -np.inf)
+  num_iters = np.zeros(num_classes, np.int32)
+  converged = counts = None
+  for step in range(max_iters):
+    stats = None
+    for points, mask in chunks():
+      for piece in _pieces(points, mask, chunk_size):
+        piece_stats = _stats_jit(frame, params, jnp.asarray(piece[0], jnp.float32),
+                                 jnp.asarray(piece[1], bool))
+        stats = piece_stats if stats is None else stats + piece_stats
+    if stats is None:
+      raise ValueError('fit_streaming: chunks() yielded no data')
+    stats = reduce_fn(stats)
+    if counts is None:
+      counts = np.asarray(stats.counts)
+      converged = counts == 0
+    loglik = np.asarray(stats.loglik) / np.maximum(counts, 1)
+    active = ~converged
+    params = _select(jnp.asarray(active), m_step(stats, floor), params)
+    converged = converged | (np.abs(loglik - prev) < tol)
+    prev = np.where(active, loglik, prev)
+    num_iters += active
+    if progress is not None:
+      progress(step + 1, float(_info(num_iters, converged, prev, counts, frame)['mean_log_likelihood']))
+    if converged.all():
+      break
+  info = jax.tree.map(np.asarray, _info(num_iters, converged, prev, counts, frame))
+  return _to_original(frame, params, jnp.asarray(counts)), info

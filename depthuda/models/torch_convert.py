@@ -1,0 +1,163 @@
+"""PyTorch state dicts of the original -> Flax variables of `DeepLabV2Depth`.
+
+Two kinds of files are accepted (METHOD §3):
+- the ImageNet initialization `DeepLab_resnet_pretrained_imagenet.pth`: keys `Scale.conv1.weight`,
+  `Scale.layer1.0.downsample.1.running_var`, ..., and `Scale.layer5.*` (an old classifier, skipped).
+  The heads are absent and keep their N(0, 0.01) initialization from `seed`;
+- trained checkpoints of the original: the same names without `Scale.`, the classifier as
+  `layer6.conv2d_list.{0..3}`, the density head as `enc4_{1,2,3}` and the depth head as
+  `enc5_{1,2,3}`, all with weight and bias (the parameter count of METHOD §3 includes the head
+  biases). Their unused `enc4_4` and `dec4` are skipped.
+
+A head that is absent as a whole is initialized; a head present only in part is an error.
+`num_batches_tracked` is ignored. Torch never needs to be imported here: values are arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Mapping
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from depthuda.models.deeplab import HEADS, DeepLabV2Depth
+
+IMAGENET_PREFIX = 'Scale.'
+# Keys of the original that this model has no use for.
+_SKIPPED = re.compile(r'^(layer5|enc4_4|dec4)\.|\.num_batches_tracked$')
+_BLOCK = re.compile(r'^layer([1-4])\.(\d+)\.')
+# Flax leaf name -> torch parameter / buffer name.
+_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+               'var': 'running_var'}
+_SUBMODULE_NAMES = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
+# Input side for shape inference and head initialization; parameters don't depend on it.
+_DUMMY_SIDE = 32
+# How many names an error message lists per kind.
+_MAX_LISTED = 12
+
+
+def _normalize(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Drops the `Scale.` prefix and the skipped keys; values as float32 numpy arrays."""
+  arrays = {}
+  for key, value in state_dict.items():
+    key = key.removeprefix(IMAGENET_PREFIX)
+    if not _SKIPPED.search(key):
+      arrays[key] = np.asarray(value, dtype=np.float32)
+  return arrays
+
+
+def infer_architecture(state_dict: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
+  """(layers, width) of the ResNet trunk a state dict holds, e.g. ((3, 4, 23, 3), 64).
+
+  Blocks per layer are counted from the `layer{i}.{j}.` names; the width is conv1's output
+  channels. Raises ValueError if either is absent.
+  """
+  keys = [key.removeprefix(IMAGENET_PREFIX) for key in state_dict]
+  if 'conv1.weight' not in keys:
+    raise ValueError('missing key conv1.weight (the ResNet stem): not a checkpoint of the '
+                     'original DeepLabV2')
+  blocks = {1: set(), 2: set(), 3: set(), 4: set()}
+  for key in keys:
+    if match := _BLOCK.match(key):
+      blocks[int(match[1])].add(int(match[2]))
+  if empty := [f'layer{i}' for i, found in blocks.items() if not found]:
+    raise ValueError(f'no blocks of {", ".join(empty)} in the state dict')
+  layers = tuple(max(found) + 1 for found in blocks.values())
+  return layers, int(np.shape(state_dict[_key_as_given(state_dict, 'conv1.weight')])[0])
+
+
+def _key_as_given(state_dict: Mapping[str, Any], key: str) -> str:
+  return key if key in state_dict else IMAGENET_PREFIX + key
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+  """Flax variable path -> the original's name.
+
+  ('params', 'layer3_5', 'downsample_bn', 'scale') -> 'layer3.5.downsample.1.weight',
+  ('params', 'classifier', 'conv2', 'bias') -> 'layer6.conv2d_list.2.bias',
+  ('params', 'density_head', 'conv1', 'kernel') -> 'enc4_1.weight' (depth_head: enc5_*).
+  """
+  _, top, *inner, leaf = path
+  if top == 'classifier':
+    module = f'layer6.conv2d_list.{inner[0].removeprefix("conv")}'
+  elif top in ('density_head', 'depth_head'):
+    number = '4' if top == 'density_head' else '5'
+    module = f'enc{number}_{inner[0].removeprefix("conv")}'
+  elif inner:
+    module = '.'.join(top.split('_') + [_SUBMODULE_NAMES.get(inner[0], inner[0])])
+  else:
+    module = top
+  return f'{module}.{_LEAF_NAMES[leaf]}'
+
+
+def _to_flax(value: np.ndarray) -> np.ndarray:
+  """Conv weights OIHW -> HWIO; vectors unchanged."""
+  return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+
+
+def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """HWIO -> OIHW, the layout the state dict uses."""
+  return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+def _listed(names: list[str]) -> str:
+  more = len(names) - _MAX_LISTED
+  return ', '.join(names[:_MAX_LISTED]) + (f' and {more} more' if more > 0 else '')
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], num_classes: int,
+                          seed: int = 0) -> dict[str, Any]:
+  """Flax variables of `DeepLabV2Depth` from a state dict of the original.
+
+  Args:
+    state_dict: {name: array} (numpy arrays or anything `np.asarray` takes, CPU torch tensors
+      included) with the original's names: an ImageNet `Scale.` file or a trained checkpoint.
+    num_classes: classes of the segmenter (the classifier's shape, if the file has one).
+    seed: PRNG seed of the N(0, 0.01) initialization of heads the file lacks; they equal those
+      of `model.init(jax.random.PRNGKey(seed), ...)`.
+  Returns:
+    {'params': ..., 'batch_stats': ...} for
+    `DeepLabV2Depth(num_classes, layers, width)` with (layers, width) = `infer_architecture`.
+  Raises:
+    ValueError: listing unknown keys, missing keys and shape mismatches.
+  """
+  layers, width = infer_architecture(state_dict)
+  arrays = _normalize(state_dict)
+  model = DeepLabV2Depth(num_classes=num_classes, layers=layers, width=width)
+  init = functools.partial(model.init, jax.random.PRNGKey(seed),
+                           jnp.zeros((1, _DUMMY_SIDE, _DUMMY_SIDE, 3), jnp.float32), train=False)
+  expected = flax.traverse_util.flatten_dict(jax.eval_shape(init))
+  names = {path: _torch_name(path) for path in expected}
+
+  known = set(names.values())
+  unknown = sorted(key for key in arrays if key not in known)
+  absent = {path for path, name in names.items() if name not in arrays}
+  initialized = [head for head in HEADS
+                 if all(path in absent for path in expected if path[1] == head)]
+  missing = sorted(names[path] for path in absent if path[1] not in initialized)
+  mismatched = []
+  for path, name in names.items():
+    if path not in absent and _to_flax(arrays[name]).shape != expected[path].shape:
+      mismatched.append(f'{name} {arrays[name].shape} (model expects '
+                        f'{_torch_shape(expected[path].shape)})')
+  if unknown or missing or mismatched:
+    problems = [f'{kind}: {_listed(keys)}' for kind, keys in
+                (('unknown keys', unknown), ('missing keys', missing),
+                 ('shape mismatches', mismatched)) if keys]
+    raise ValueError(f'state dict does not fit DeepLabV2Depth(num_classes={num_classes}, '
+                     f'layers={layers}, width={width}); ' + '; '.join(problems))
+
+  flat = {path: jnp.asarray(_to_flax(arrays[name])) for path, name in names.items()
+          if path not in absent}
+  if initialized:
+    logging.info('Heads absent from the state dict, initialized from seed %d: %s', seed,
+                 ', '.join(initialized))
+    # Only the heads' parameters are outputs: XLA drops the forward pass and the trunk's init.
+    heads = jax.jit(lambda: {h: init()['params'][h] for h in initialized})()
+    flat.update(flax.traverse_util.flatten_dict({'params': heads}))
+  return flax.traverse_util.unflatten_dict(flat)

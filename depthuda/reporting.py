@@ -1,0 +1,133 @@
+"""What a stage reports: metrics.jsonl, TensorBoard events, results.json and a progress bar.
+
+Only process 0 writes. `metrics.jsonl` is truncated to the resumed step on restart, so a
+resumed run's file equals an uninterrupted run's line for line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import tqdm
+
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def _to_python(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _to_python(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_python(v) for v in value]
+  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+  return value
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (temp file + rename), process 0 only."""
+  if not is_writer():
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(_to_python(obj), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_results(workdir: str) -> dict:
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def update_results(workdir: str, stage: str, entry: dict) -> None:
+  results = read_results(workdir)
+  results[stage] = _to_python(entry)
+  write_json(os.path.join(workdir, 'results.json'), results)
+
+
+class MetricsLog:
+  """`<stage_dir>/metrics.jsonl` plus TensorBoard scalars and images under `<stage_dir>/tb`."""
+
+  def __init__(self, stage_dir: str, start_step: int = 0, tensorboard: bool = True):
+    self.path = os.path.join(stage_dir, 'metrics.jsonl')
+    self._writer = None
+    if not is_writer():
+      return
+    os.makedirs(stage_dir, exist_ok=True)
+    self._truncate(start_step)
+    if tensorboard:
+      from clu import metric_writers  # Imports TensorFlow: kept out of the core modules.
+      self._writer = metric_writers.SummaryWriter(os.path.join(stage_dir, 'tb'))
+
+  def _truncate(self, start_step: int) -> None:
+    """Drops lines of steps >= start_step (written before a crash, replayed after resume)."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)['step'] < start_step]
+    with open(self.path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(self.path + '.tmp', self.path)
+
+  def scalars(self, step: int, values: dict[str, Any]) -> None:
+    if not is_writer():
+      return
+    values = {k: float(v) for k, v in _to_python(values).items()}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **values}, sort_keys=True) + '\n')
+    if self._writer is not None:
+      self._writer.write_scalars(int(step), values)
+
+  def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    if is_writer() and self._writer is not None:
+      self._writer.write_images(int(step), {k: v[None] if v.ndim == 3 else v
+                                            for k, v in images.items()})
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, initial: int = 0,
+             desc: str = '', unit: str = 'step') -> tqdm.tqdm:
+  """A progress bar with rate and ETA on stderr (silent on processes other than 0)."""
+  return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit,
+                   disable=not is_writer(), file=sys.stderr, dynamic_ncols=True,
+                   mininterval=1.0, smoothing=0.1)
+
+
+def check_finite(step: int, metrics: dict[str, Any]) -> str | None:
+  """The name of the first non-finite loss term, or None."""
+  for name, value in metrics.items():
+    if name.startswith('loss') and not math.isfinite(float(value)):
+      return name
+  return None
+
+
+class Timer:
+  def __init__(self):
+    self.start = time.perf_counter()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start

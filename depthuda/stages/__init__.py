@@ -1,0 +1,63 @@
+"""The pipeline's stages, in order: fit_gmm -> adapt -> pseudo_label -> self_train -> eval.
+
+Each stage is `run(config, workdir) -> dict` (its entry in results.json) and
+`is_complete(config, workdir) -> bool` (its outputs exist and match the config). Stages import
+the input pipeline (TensorFlow); the core modules do not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from depthuda import reporting
+from depthuda.data import pipeline
+from depthuda.stages import evaluation
+from depthuda.stages import fit_gmm
+from depthuda.stages import pseudo_label
+from depthuda.stages import training
+
+STAGES = ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval')
+
+
+def _adapt_batches(config, start):
+  source = pipeline.source_train(config, start_step=start)
+  target = pipeline.target_train(config, start_step=start)
+  for src, tgt in zip(source, target):
+    yield {'source': src, 'target': tgt}
+
+
+def _adapt(config, workdir):
+  return training.run('adapt', config, workdir, lambda start: _adapt_batches(config, start))
+
+
+def _self_train(config, workdir):
+  labels = pseudo_label.label_dir(workdir)
+  return training.run('self_train', config, workdir,
+                      lambda start: pipeline.pseudo_labeled_target(config, labels, start_step=start))
+
+
+def _eval_complete(config, workdir):
+  return 'eval' in reporting.read_results(workdir)
+
+
+_RUN = {'fit_gmm': fit_gmm.run, 'adapt': _adapt, 'pseudo_label': pseudo_label.run,
+        'self_train': _self_train, 'eval': evaluation.run}
+_COMPLETE = {'fit_gmm': fit_gmm.is_complete,
+             'adapt': lambda c, w: training.is_complete('adapt', c, w),
+             'pseudo_label': pseudo_label.is_complete,
+             'self_train': lambda c, w: training.is_complete('self_train', c, w),
+             'eval': _eval_complete}
+
+
+def run(stage: str, config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> bool:
+  """Runs one stage unless its outputs are complete; returns whether it ran."""
+  if not force and _COMPLETE[stage](config, workdir):
+    if reporting.is_writer():
+      print(f'{stage}: complete, skipped')
+    return False
+  os.makedirs(os.path.join(workdir, stage), exist_ok=True)
+  entry = _RUN[stage](config, workdir)
+  reporting.update_results(workdir, stage, entry)
+  return True

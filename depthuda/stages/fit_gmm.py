@@ -1,0 +1,164 @@
+"""The `fit_gmm` stage: per-class depth-distribution GMMs on the source set (METHOD §4).
+
+Every source label map and inverse-depth map is nearest-resized to the feature grid; each cell
+of class c gives a point (x = column, y = row, z = inverse depth). The grid is kept compactly
+(uint8 class, float16 depth per cell) and EM streams it in chunks, so the points of the whole
+source set never exist as one array. The result, `fit_gmm/gmm.json`, is human-readable and also
+holds the per-class source pixel counts that set the pseudo-label region sizes (METHOD §6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from depthuda import density
+from depthuda import gmm
+from depthuda import reporting
+from depthuda import train
+from depthuda.data import labels as label_lib
+from depthuda.data import pipeline
+
+_CHUNK_IMAGES = 64
+_INIT_POINTS_PER_CLASS = 20_000
+
+
+def grid_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(h, w) of the feature grid for the configured input size."""
+  seg, _ = train.build_models(config, axis_name=None)
+  w, h = config.data.input_size
+  out = jax.eval_shape(lambda: seg.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
+                                                    train=False)[0])
+  return tuple(out[0].shape[1:3])
+
+
+def collect_grid(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """This process's source shard on the grid: classes [n,h,w] u8, depth [n,h,w] f16, counts [C]."""
+  num_classes = config.data.num_classes
+  grid = grid_size(config)
+  classes, depths = [], []
+  counts = np.zeros(num_classes, np.int64)
+  resize = jax.jit(lambda x: density.nearest_resize(x, grid))
+  for batch in reporting.progress(pipeline.source_grid_points(config), desc='fit_gmm: scan',
+                                  unit='batch'):
+    label = batch['label']
+    counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)
+    classes.append(np.asarray(resize(label)).astype(np.uint8))
+    depths.append(np.asarray(resize(batch['depth'])).astype(np.float16))
+  return np.concatenate(classes), np.concatenate(depths), counts
+
+
+def _points(classes: np.ndarray, depths: np.ndarray, num_classes: int,
+            max_per_class: int | None = None, rng: np.random.Generator | None = None):
+  """Grid cells -> padded per-class points [C,N,3] and mask [C,N]."""
+  n, h, w = classes.shape
+  ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
+                       indexing='ij')
+  xyz = np.stack([np.broadcast_to(xs, (n, h, w)), np.broadcast_to(ys, (n, h, w)),
+                  depths.astype(np.float32)], -1).reshape(-1, 3)
+  flat = classes.reshape(-1)
+  per_class = []
+  for c in range(num_classes):
+    idx = np.flatnonzero(flat == c)
+    if max_per_class is not None and idx.size > max_per_class:
+      idx = rng.choice(idx, max_per_class, replace=False)
+    per_class.append(xyz[idx])
+  size = max(1, max(len(p) for p in per_class))
+  points = np.zeros((num_classes, size, 3), np.float32)
+  mask = np.zeros((num_classes, size), bool)
+  for c, p in enumerate(per_class):
+    points[c, :len(p)], mask[c, :len(p)] = p, True
+  return points, mask
+
+
+def _sum_over_processes(stats):
+  if jax.process_count() == 1:
+    return stats
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x)).sum(0), stats)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  num_classes = config.data.num_classes
+  classes, depths, counts = collect_grid(config)
+  if jax.process_count() > 1:
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+  rng = np.random.default_rng(config.seed)
+  init_points, init_mask = _points(classes, depths, num_classes, _INIT_POINTS_PER_CLASS, rng)
+
+  def chunks():
+    for i in range(0, len(classes), _CHUNK_IMAGES):
+      yield _points(classes[i:i + _CHUNK_IMAGES], depths[i:i + _CHUNK_IMAGES], num_classes)
+
+  g = config.gmm
+  bar = reporting.progress(total=g.max_iters, desc='fit_gmm: EM', unit='iter')
+  params, info = gmm.fit_streaming(
+      chunks, init_points, init_mask, num_components=g.num_components, seed=config.seed,
+      max_iters=g.max_iters, tol=g.tol, var_floor=g.var_floor, reduce_fn=_sum_over_processes,
+      progress=lambda *_: bar.update(1))
+  bar.close()
+  names = label_lib.class_names(num_classes)
+  num_points = np.bincount(classes.ravel()[classes.ravel() < num_classes], minlength=num_classes)
+  if jax.process_count() > 1:
+    num_points = np.asarray(multihost_utils.process_allgather(num_points)).sum(0)
+  record = {
+      'num_components': g.num_components,
+      'coordinates': ['x (grid column)', 'y (grid row)', 'z (inverse depth)'],
+      'grid_size_hw': list(grid_size(config)),
+      'classes': {
+          name: {'pixel_count': int(counts[c]), 'num_points': int(num_points[c]),
+                 'weights': np.asarray(params.weights[c]).tolist(),
+                 'means': np.asarray(params.means[c]).tolist(),
+                 'variances': np.asarray(params.variances[c]).tolist()}
+          for c, name in enumerate(names)},
+      'iterations': int(info['iterations']),
+      'mean_log_likelihood': float(info['mean_log_likelihood']),
+  }
+  reporting.write_json(os.path.join(workdir, 'fit_gmm', 'gmm.json'), record)
+  if reporting.is_writer():
+    print(summary(record))
+  return {'iterations': record['iterations'],
+          'mean_log_likelihood': record['mean_log_likelihood'],
+          'pixel_counts': {n: record['classes'][n]['pixel_count'] for n in names}}
+
+
+def summary(record: dict) -> str:
+  lines = [f'{"class":<14}{"pixels":>12}  mean (x, y, z) of the heaviest component']
+  for name, c in record['classes'].items():
+    k = int(np.argmax(c['weights']))
+    mean = ', '.join(f'{v:7.2f}' for v in c['means'][k])
+    lines.append(f'{name:<14}{c["pixel_count"]:>12}  ({mean})  w={c["weights"][k]:.2f}')
+  return '\n'.join(lines)
+
+
+def load_record(workdir: str) -> dict:
+  path = os.path.join(workdir, 'fit_gmm', 'gmm.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} is missing (run the fit_gmm stage first)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_params(workdir: str) -> gmm.GMMParams:
+  classes = load_record(workdir)['classes'].values()
+  stack = lambda key: jnp.asarray(np.array([c[key] for c in classes], np.float32))
+  return gmm.GMMParams(weights=stack('weights'), means=stack('means'),
+                       variances=stack('variances'))
+
+
+def pixel_counts(workdir: str) -> np.ndarray:
+  return np.array([c['pixel_count'] for c in load_record(workdir)['classes'].values()])
+
+
+def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  try:
+    record = load_record(workdir)
+  except FileNotFoundError:
+    return False
+  return (len(record['classes']) == config.data.num_classes
+          and record['num_components'] == config.gmm.num_components)

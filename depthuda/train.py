@@ -1,0 +1,268 @@
+"""Train state, optimizers and the jit-compiled, data-parallel train steps (METHOD §5, §6).
+
+One adaptation iteration (`adapt_step`) runs the source and target forward passes, the five
+loss terms, and updates the segmenter and the discriminator from the same pre-step parameters.
+`self_train_step` is the pseudo-label cross-entropy step. Both are written per device and mapped
+over the `data` axis of a mesh with `jax.shard_map` inside `jax.jit` (`make_sharded_step`):
+every loss is reduced over the global batch (sums and maxima over the axis), so each device
+holds the global loss and, since the parameters are replicated, `grad` returns the global
+gradient (shard_map transposes the implicit broadcast of the parameters into a sum). BatchNorm
+running statistics are averaged with `lax.pmean`. N devices give the single-device result.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from depthuda import density
+from depthuda import gmm as gmm_lib
+from depthuda import losses
+from depthuda import models
+
+AXIS = 'data'
+LOSS_NAMES = ('loss_seg', 'loss_depth', 'loss_bal_src', 'loss_bal_tgt', 'loss_adv')
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a plain pytree (optax transforms stay outside)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  disc_params: Any
+  disc_opt_state: Any
+  rng: jax.Array  # Raw uint32 key data; `fold_in(step)` inside the step.
+
+
+def poly_schedule(base_lr: float, power: float, horizon: int) -> optax.Schedule:
+  """lr (1 - i / horizon)^power, the original's `adjust_learning_rate`."""
+  return optax.polynomial_schedule(base_lr, 0.0, power, horizon)
+
+
+def segmenter_optimizer(config: ml_collections.ConfigDict, frozen: Any) -> optax.GradientTransformation:
+  """SGD with momentum and L2 added to the gradient (PyTorch's weight_decay), one lr for all.
+
+  BatchNorm affine parameters are frozen (METHOD §3): their updates are zero.
+  """
+  o = config.optim
+  sgd = optax.chain(
+      optax.add_decayed_weights(o.weight_decay),
+      optax.sgd(poly_schedule(o.lr, o.poly_power, o.poly_horizon), momentum=o.momentum))
+  labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
+  return optax.multi_transform({'train': sgd, 'frozen': optax.set_to_zero()}, labels)
+
+
+def discriminator_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optim
+  return optax.adam(poly_schedule(o.disc_lr, o.poly_power, o.poly_horizon),
+                    b1=o.disc_b1, b2=o.disc_b2, eps=1e-8)
+
+
+def build_models(config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
+  """The segmenter and discriminator modules a config describes."""
+  dtype = jnp.dtype(config.compute_dtype)
+  seg = models.DeepLabV2Depth(
+      num_classes=config.data.num_classes, layers=tuple(config.model.layers),
+      width=config.model.width, bn_mode=config.model.bn_mode,
+      bn_axis_name=axis_name if config.model.bn_sync else None, dtype=dtype)
+  disc = models.Discriminator(ndf=config.model.disc_ndf)
+  return seg, disc
+
+
+def init_state(config: ml_collections.ConfigDict, seg: nn.Module, disc: nn.Module,
+               variables: dict | None = None) -> tuple[TrainState, optax.GradientTransformation,
+                                                       optax.GradientTransformation]:
+  """Fresh train state (segmenter variables may come from a converted checkpoint)."""
+  w, h = config.data.input_size
+  key = jax.random.PRNGKey(config.seed)
+  k_seg, k_disc, k_run = jax.random.split(key, 3)
+  images = jnp.zeros((1, h, w, 3), jnp.float32)
+  if variables is None:
+    variables = seg.init(k_seg, images, train=False)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  disc_params = disc.init(k_disc, jnp.zeros((1, h, w, config.data.num_classes), jnp.float32))
+  seg_tx = segmenter_optimizer(config, models.frozen_mask(params))
+  disc_tx = discriminator_optimizer(config)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=seg_tx.init(params), disc_params=disc_params,
+                     disc_opt_state=disc_tx.init(disc_params), rng=k_run)
+  return state, seg_tx, disc_tx
+
+
+def _forward(seg: nn.Module, params, batch_stats, images, train_bn: bool):
+  """Segmenter forward; returns outputs and the (possibly) updated BN statistics."""
+  variables = {'params': params, 'batch_stats': batch_stats}
+  if train_bn:
+    outputs, updates = seg.apply(variables, images, train=True, mutable=['batch_stats'])
+    return outputs, updates['batch_stats']
+  return seg.apply(variables, images, train=True), batch_stats
+
+
+def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams, *,
+               seg: nn.Module, disc: nn.Module, seg_tx, disc_tx,
+               config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
+  """One iteration of METHOD §5 on this device's share of the batch.
+
+  batch: {'source': {'image' [b,H,W,3], 'label' [b,H,W], 'depth' [b,H,W]},
+          'target': {'image' [b,H,W,3]}}.
+  Returns the new state and a dict of scalars (averaged over devices).
+  """
+  lam = config.loss
+  use_target = lam.lambda_adv > 0 or lam.lambda_bal_tgt > 0
+  use_disc = lam.lambda_adv > 0
+  train_bn = config.model.bn_mode == 'train'
+  src, tgt = batch['source'], batch['target']
+  size = src['image'].shape[1:3]
+  class_weights = None if lam.class_weights is None else jnp.asarray(lam.class_weights, jnp.float32)
+  scale = config.gmm.density_scale
+
+  def disc_input(seg_logits, dens):
+    """entropy(softmax(up(seg))) * up(density): what D classifies."""
+    up_seg = losses.upsample_bilinear(seg_logits.astype(jnp.float32), size)
+    up_dens = losses.upsample_bilinear(dens.astype(jnp.float32), size)
+    return losses.entropy_map(up_seg) * up_dens
+
+  def segmenter_loss(params):
+    (seg_s, dens_s, dep_s), stats = _forward(seg, params, state.batch_stats, src['image'], train_bn)
+    seg_s, dens_s, dep_s = (x.astype(jnp.float32) for x in (seg_s, dens_s, dep_s))
+    grid = seg_s.shape[1:3]
+    terms = {}
+    terms['loss_seg'] = losses.weighted_cross_entropy(
+        losses.upsample_bilinear(seg_s, size), src['label'], class_weights, axis_name=axis_name)
+    terms['loss_depth'] = losses.berhu(
+        losses.upsample_bilinear(dep_s, size)[..., 0], src['depth'], axis_name=axis_name)
+    src_target = density.source_density_target(
+        gmm_params, jax.lax.stop_gradient(seg_s), density.nearest_resize(src['label'], grid),
+        density.nearest_resize(src['depth'], grid), scale)
+    terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
+    aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s))}
+    if use_target:
+      (seg_t, dens_t, dep_t), stats = _forward(seg, params, stats, tgt['image'], train_bn)
+      seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
+      tgt_target = density.target_density_target(
+          gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]), scale)
+      terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
+      d_tgt = disc_input(seg_t, dens_t)
+      aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
+      # D's parameters are read, not differentiated: `params` is the only argument of grad.
+      terms['loss_adv'] = (
+          losses.bce_with_logits(disc.apply(state.disc_params, d_tgt), 0.0, axis_name)
+          if use_disc else jnp.zeros(()))
+    else:
+      terms['loss_bal_tgt'] = terms['loss_adv'] = jnp.zeros(())
+    total = (lam.lambda_seg * terms['loss_seg'] + lam.lambda_depth * terms['loss_depth']
+             + lam.lambda_bal_src * terms['loss_bal_src'] + lam.lambda_bal_tgt * terms['loss_bal_tgt']
+             + lam.lambda_adv * terms['loss_adv'])
+    return total, (terms, stats, aux)
+
+  (total, (terms, new_stats, aux)), grads = jax.value_and_grad(segmenter_loss, has_aux=True)(
+      state.params)
+  metrics = dict(terms, loss=total)
+  if axis_name is not None:
+    new_stats = jax.lax.pmean(new_stats, axis_name)
+  updates, opt_state = seg_tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+  metrics['loss_disc'] = jnp.zeros(())
+  if use_disc:
+    def disc_loss(dp):
+      out_s = disc.apply(dp, aux['disc_src'])
+      out_t = disc.apply(dp, aux['disc_tgt'])
+      loss = (losses.bce_with_logits(out_s, 0.0, axis_name)
+              + losses.bce_with_logits(out_t, 1.0, axis_name))
+      acc_s = jnp.mean((out_s < 0).astype(jnp.float32))
+      acc_t = jnp.mean((out_t > 0).astype(jnp.float32))
+      return loss, (acc_s, acc_t)
+    (metrics['loss_disc'], (metrics['disc_acc_src'], metrics['disc_acc_tgt'])), d_grads = (
+        jax.value_and_grad(disc_loss, has_aux=True)(state.disc_params))
+    d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, disc_params)
+    disc_params = optax.apply_updates(disc_params, d_updates)
+
+  metrics['lr'] = poly_schedule(config.optim.lr, config.optim.poly_power,
+                                config.optim.poly_horizon)(state.step)
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                            opt_state=opt_state, disc_params=disc_params,
+                            disc_opt_state=disc_opt_state)
+  return new_state, metrics
+
+
+def self_train_step(state: TrainState, batch: dict, *, seg: nn.Module, seg_tx,
+                    config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
+  """Unweighted cross-entropy on pseudo-labelled target images (METHOD §6)."""
+  train_bn = config.model.bn_mode == 'train'
+  size = batch['image'].shape[1:3]
+
+  def loss_fn(params):
+    (seg_t, _, _), stats = _forward(seg, params, state.batch_stats, batch['image'], train_bn)
+    logits = losses.upsample_bilinear(seg_t.astype(jnp.float32), size)
+    loss = losses.weighted_cross_entropy(logits, batch['label'], None, axis_name=axis_name)
+    return loss, stats
+
+  (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    new_stats = jax.lax.pmean(new_stats, axis_name)
+  updates, opt_state = seg_tx.update(grads, state.opt_state, state.params)
+  metrics = {'loss_seg': loss, 'loss': loss,
+             'lr': poly_schedule(config.optim.lr, config.optim.poly_power,
+                                 config.optim.poly_horizon)(state.step)}
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=new_stats, opt_state=opt_state), metrics
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D `data` mesh over every device of every process."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices, (AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if batch_size % n or batch_size % jax.process_count():
+    raise ValueError(f'config.batch_size={batch_size} must be divisible by the number of devices '
+                     f'({n}) and processes ({jax.process_count()}).')
+
+
+def make_sharded_step(step_fn: Callable, mesh: Mesh, **kwargs):
+  """jit(shard_map(step_fn)): state (and other leading args) replicated, batch split on `data`.
+
+  The returned function takes (state, batch, *extra) and donates the state.
+  """
+  per_device = functools.partial(step_fn, axis_name=AXIS, **kwargs)
+
+  def mapped(state, batch, *extra):
+    return jax.shard_map(
+        lambda s, b, *e: per_device(s, b, *e), mesh=mesh,
+        in_specs=(P(), P(AXIS)) + (P(),) * len(extra), out_specs=(P(), P()))(state, batch, *extra)
+
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Process-local numpy batch -> global arrays split over the `data` axis."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def predict_fn(seg: nn.Module) -> Callable:
+  """Jitted eval-mode forward: (variables, images) -> (seg, density, depth) on the grid."""
+  return jax.jit(lambda variables, images: seg.apply(variables, images, train=False))

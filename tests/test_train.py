@@ -1,0 +1,158 @@
+"""The train steps: multi-device equals single-device, update isolation, one compile, optimizers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from depthuda import gmm
+from depthuda import train
+
+C = 7
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  config.data.input_size = (48, 32)
+  config.model.bn_sync = True  # Global batch statistics: N devices must equal 1 device.
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+def _gmm_params():
+  rng = np.random.default_rng(0)
+  k = 3
+  return gmm.GMMParams(
+      weights=jnp.full((C, k), 1.0 / k),
+      means=jnp.asarray(rng.uniform([0, 0, 1], [6, 4, 50], (C, k, 3)), jnp.float32),
+      variances=jnp.asarray(rng.uniform([2, 2, 20], [6, 6, 200], (C, k, 3)), jnp.float32))
+
+
+def _batches(num, batch, config, seed=0):
+  rng = np.random.default_rng(seed)
+  w, h = config.data.input_size
+  out = []
+  for _ in range(num):
+    label = rng.integers(0, C, (batch, h, w)).astype(np.int32)
+    label[:, :3] = 255
+    out.append({
+        'source': {'image': rng.normal(0, 50, (batch, h, w, 3)).astype(np.float32),
+                   'label': label,
+                   'depth': rng.uniform(1, 60, (batch, h, w)).astype(np.float32)},
+        'target': {'image': rng.normal(10, 40, (batch, h, w, 3)).astype(np.float32)}})
+  return out
+
+
+def _run(config, devices, batches):
+  mesh = train.make_mesh(devices)
+  seg, disc = train.build_models(config)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  state = train.replicate(state, mesh)
+  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+                                 disc_tx=disc_tx, config=config)
+  params = train.replicate(_gmm_params(), mesh)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, train.shard_batch(batch, mesh), params)
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history, step
+
+
+def test_four_devices_equal_one_device():
+  assert jax.device_count() >= 4
+  config = _config()
+  batches = _batches(4, 4, config)
+  state1, hist1, _ = _run(config, jax.devices()[:1], batches)
+  state4, hist4, _ = _run(config, jax.devices()[:4], batches)
+  for m1, m4 in zip(hist1, hist4):
+    for name in train.LOSS_NAMES + ('loss_disc',):
+      np.testing.assert_allclose(m4[name], m1[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  for tree in ('params', 'batch_stats', 'disc_params'):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 getattr(state4, tree), getattr(state1, tree))
+
+
+def test_step_compiles_once_and_losses_are_finite():
+  config = _config()
+  _, history, step = _run(config, jax.devices()[:2], _batches(3, 2, config))
+  assert step._cache_size() == 1
+  for metrics in history:
+    assert all(np.isfinite(metrics[k]) for k in train.LOSS_NAMES)
+    assert metrics['loss_disc'] > 0
+
+
+def test_discriminator_update_ignores_segmenter_loss():
+  """D's step depends only on D's loss: changing every segmenter weight leaves it unchanged."""
+  batches = _batches(1, 2, _config())
+  a, _, _ = _run(_config(), jax.devices()[:1], batches)
+  b, _, _ = _run(_config(**{'loss.lambda_seg': 3.0, 'loss.lambda_adv': 0.5,
+                            'loss.lambda_depth': 0.2}), jax.devices()[:1], batches)
+  jax.tree.map(np.testing.assert_array_equal, a.disc_params, b.disc_params)
+  diff = jax.tree.leaves(jax.tree.map(lambda x, y: np.abs(x - y).max(), a.params, b.params))
+  assert max(diff) > 0
+
+
+def test_segmenter_update_ignores_discriminator_loss():
+  """The segmenter's step is the same whatever D's learning rate: no gradient flows back."""
+  batches = _batches(1, 2, _config())
+  a, _, _ = _run(_config(**{'optim.disc_lr': 1e-3}), jax.devices()[:1], batches)
+  b, _, _ = _run(_config(**{'optim.disc_lr': 0.5}), jax.devices()[:1], batches)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  diff = jax.tree.leaves(jax.tree.map(lambda x, y: np.abs(x - y).max(), a.disc_params,
+                                      b.disc_params))
+  assert max(diff) > 0
+
+
+def test_source_only_leaves_discriminator_untouched():
+  config = _config(**{'loss.lambda_adv': 0.0, 'loss.lambda_bal_tgt': 0.0,
+                      'loss.lambda_bal_src': 0.0, 'loss.lambda_depth': 0.0})
+  seg, disc = train.build_models(config)
+  before, _, _ = train.init_state(config, seg, disc)
+  after, history, _ = _run(config, jax.devices()[:1], _batches(2, 2, config))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(before.disc_params), after.disc_params)
+  assert history[-1]['loss_adv'] == 0 and history[-1]['loss_seg'] > 0
+
+
+def test_frozen_batchnorm_affine_parameters_do_not_move():
+  config = _config()
+  after, _, _ = _run(config, jax.devices()[:1], _batches(2, 2, config))
+  seg, disc = train.build_models(config)
+  before, _, _ = train.init_state(config, seg, disc)
+  from depthuda import models
+  mask = models.frozen_mask(after.params)
+  moved = jax.tree.map(lambda m, a, b: bool(m) and not np.array_equal(a, b), mask,
+                       after.params, jax.device_get(before.params))
+  assert not any(jax.tree.leaves(moved))
+  assert any(jax.tree.leaves(mask))
+
+
+@pytest.mark.parametrize('steps', [3])
+def test_optimizers_match_pytorch(steps):
+  torch = pytest.importorskip('torch')
+  config = _config(**{'optim.lr': 0.1, 'optim.poly_horizon': 10, 'optim.disc_lr': 0.01})
+  rng = np.random.default_rng(0)
+  w0 = rng.normal(size=(5, 3)).astype(np.float32)
+  grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(steps)]
+  seg_tx = train.segmenter_optimizer(config, {'w': False})
+  disc_tx = train.discriminator_optimizer(config)
+  for tx, make in ((seg_tx, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9,
+                                                       weight_decay=5e-4)),
+                   (disc_tx, lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.9, 0.99)))):
+    params = {'w': jnp.asarray(w0)}
+    state = tx.init(params)
+    tw = torch.nn.Parameter(torch.tensor(w0))
+    opt = make([tw])
+    base = opt.param_groups[0]['lr']
+    for i, g in enumerate(grads):
+      opt.param_groups[0]['lr'] = base * (1 - i / 10) ** 0.9  # The original's poly schedule.
+      tw.grad = torch.tensor(g)
+      opt.step()
+      updates, state = tx.update({'w': jnp.asarray(g)}, state, params)
+      params = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_allclose(np.asarray(params['w']), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
