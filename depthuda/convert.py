@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 from absl import app
 from absl import flags
 import jax
@@ -41,8 +42,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     content = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises several types for a file it cannot read
+    reason = ' '.join(str(e).split())[:160]
     raise ValueError(f'--torch_checkpoint={path}: not a readable PyTorch checkpoint '
-                     f'({type(e).__name__}: {e})') from None
+                     f'({type(e).__name__}: {reason})') from None
   for wrapper in ('model', 'state_dict'):
     if isinstance(content, dict) and isinstance(content.get(wrapper), dict):
       content = content[wrapper]

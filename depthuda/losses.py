@@ -126,10 +126,11 @@ def berhu(pred: jax.Array, target: jax.Array, axis_name: str | None = None) -> j
   """
   diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
   abs_diff = jnp.abs(diff)
-  max_abs = jnp.max(abs_diff)
+  # Stopped before the reduction: `pmax` has no derivative rule, and c needs none.
+  max_abs = jnp.max(jax.lax.stop_gradient(abs_diff))
   if axis_name is not None:
     max_abs = jax.lax.pmax(max_abs, axis_name)
-  c = jax.lax.stop_gradient(0.2 * max_abs)
+  c = 0.2 * max_abs
   safe_c = jnp.where(c > 0, c, 1.0)
   quadratic = (diff * diff + c * c) / (2.0 * safe_c)
   per_element = jnp.where(abs_diff <= c, abs_diff, quadratic)

@@ -40,7 +40,7 @@ def write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
-    json.dump(_to_python(obj), f, indent=2, sort_keys=True)
+    json.dump(_to_python(obj), f, indent=2)
   os.replace(tmp, path)
 
 

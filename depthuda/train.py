@@ -88,10 +88,12 @@ def init_state(config: ml_collections.ConfigDict, seg: nn.Module, disc: nn.Modul
   key = jax.random.PRNGKey(config.seed)
   k_seg, k_disc, k_run = jax.random.split(key, 3)
   images = jnp.zeros((1, h, w, 3), jnp.float32)
+  # Jitted: eager init compiles every random draw separately (slow on CPU).
   if variables is None:
-    variables = seg.init(k_seg, images, train=False)
+    variables = jax.jit(functools.partial(seg.init, train=False))(k_seg, images)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
-  disc_params = disc.init(k_disc, jnp.zeros((1, h, w, config.data.num_classes), jnp.float32))
+  disc_params = jax.jit(disc.init)(k_disc, jnp.zeros((1, h, w, config.data.num_classes),
+                                                     jnp.float32))
   seg_tx = segmenter_optimizer(config, models.frozen_mask(params))
   disc_tx = discriminator_optimizer(config)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

@@ -169,18 +169,20 @@ def test_train_mode_parity(state_dict, images):
   _assert_close(frozen[0], _model().apply(variables, images, train=False)[0], tol=0)
 
 
-def test_imagenet_naming(state_dict, images):
-  """`Scale.` keys, the old `layer5` classifier skipped, heads initialized from the seed."""
+def test_imagenet_naming(state_dict):
+  """`Scale.` keys, the old `layer5` classifier skipped, heads N(0, 0.01) from the seed."""
   backbone = {f'Scale.{k}': v for k, v in state_dict.items()
               if not k.startswith(('layer6', 'enc', 'dec'))}
   backbone.update({f'Scale.layer5.conv2d_list.{i}.{leaf}': np.zeros(3)
                    for i in range(4) for leaf in ('weight', 'bias')})
   converted = models.from_torch_state_dict(backbone, NUM_CLASSES, seed=3)
+  other_seed = models.from_torch_state_dict(backbone, NUM_CLASSES, seed=4)
   trained = models.from_torch_state_dict(state_dict, NUM_CLASSES)
-  fresh = _model().init(jax.random.PRNGKey(3), jnp.asarray(images[:1]), train=False)
   for name in ('classifier', 'density_head', 'depth_head'):
-    jax.tree.map(np.testing.assert_array_equal, converted['params'][name],
-                 fresh['params'][name])
+    for conv, leaves in converted['params'][name].items():
+      assert abs(np.std(leaves['kernel']) - 0.01) < 0.001
+      assert not np.any(leaves['bias'])
+      assert not np.array_equal(leaves['kernel'], other_seed['params'][name][conv]['kernel'])
     del converted['params'][name], trained['params'][name]
   jax.tree.map(np.testing.assert_array_equal, converted, trained)
 

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -198,3 +199,37 @@ def test_entropy_map_values_and_edge_cases():
   np.testing.assert_allclose(ent, 0.0, atol=1e-6)
   with pytest.raises(ValueError):
     losses.entropy_map(jnp.zeros((3, 1)))
+
+
+@pytest.mark.parametrize('loss_name', ['weighted_cross_entropy', 'berhu', 'bce_with_logits'])
+def test_losses_over_a_device_axis_match_one_device(loss_name):
+  """With axis_name, each device's loss (and gradient) is that of the global batch."""
+  if jax.device_count() < 2:
+    pytest.skip('needs 2 devices (tests/conftest.py asks XLA for 4 CPU devices)')
+  mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
+  logits, labels = _ce_inputs(10)
+  labels[0, :4] = 255  # devices hold different numbers of valid pixels
+  depth = np.random.default_rng(11).normal(size=logits.shape[:3]).astype(np.float32)
+  depth[1] *= 10       # the largest |d| sits on the second device only
+  data = {
+      'weighted_cross_entropy': (logits, labels),
+      'berhu': (logits[..., 0], depth),
+      'bce_with_logits': (logits, np.float32(1.0)),
+  }[loss_name]
+
+  def loss(scale, first, second, axis_name=None):
+    kwargs = {'axis_name': axis_name}
+    if loss_name == 'weighted_cross_entropy':
+      kwargs['class_weights'] = WEIGHTS16
+    return getattr(losses, loss_name)(scale * first, second, **kwargs)
+
+  scale = jnp.float32(1.3)
+  expected = jax.value_and_grad(loss)(scale, *data)
+  second_spec = P('data') if np.ndim(data[1]) else P()
+  sharded = jax.jit(jax.shard_map(
+      lambda s, a, b: jax.value_and_grad(loss)(s, a, b, 'data'), mesh=mesh,
+      in_specs=(P(), P('data'), second_spec), out_specs=(P(), P())))
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  got = sharded(put(scale, P()), put(data[0], P('data')), put(data[1], second_spec))
+  np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], expected[1], rtol=1e-5)

@@ -65,17 +65,27 @@ def _run(config, devices, batches):
 
 
 def test_four_devices_equal_one_device():
+  """5 adapt steps, global batch 4: 4 devices x 1 image == 1 device x 4 images.
+
+  Losses agree to 1e-5 relative at every step. Parameters agree to 1e-3 of the distance they
+  moved: the only difference is the order of float32 sums, which momentum and Adam's
+  normalisation carry forward.
+  """
   assert jax.device_count() >= 4
-  config = _config()
-  batches = _batches(4, 4, config)
+  config = _config(**{'optim.lr': 2.5e-4})  # The original's rate (the toy's 1e-2 is chaotic here).
+  batches = _batches(5, 4, config)
+  seg, disc = train.build_models(config)
+  state0 = jax.device_get(train.init_state(config, seg, disc)[0])
   state1, hist1, _ = _run(config, jax.devices()[:1], batches)
   state4, hist4, _ = _run(config, jax.devices()[:4], batches)
   for m1, m4 in zip(hist1, hist4):
     for name in train.LOSS_NAMES + ('loss_disc',):
       np.testing.assert_allclose(m4[name], m1[name], rtol=1e-5, atol=1e-7, err_msg=name)
   for tree in ('params', 'batch_stats', 'disc_params'):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 getattr(state4, tree), getattr(state1, tree))
+    def close(a, b, start):
+      moved = np.abs(b - start).max()
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * moved + 1e-9)
+    jax.tree.map(close, getattr(state4, tree), getattr(state1, tree), getattr(state0, tree))
 
 
 def test_step_compiles_once_and_losses_are_finite():

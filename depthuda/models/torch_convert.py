@@ -57,22 +57,18 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> tuple[tuple[int, ...], 
   Blocks per layer are counted from the `layer{i}.{j}.` names; the width is conv1's output
   channels. Raises ValueError if either is absent.
   """
-  keys = [key.removeprefix(IMAGENET_PREFIX) for key in state_dict]
-  if 'conv1.weight' not in keys:
+  shapes = {key.removeprefix(IMAGENET_PREFIX): np.shape(value)
+            for key, value in state_dict.items()}
+  if 'conv1.weight' not in shapes:
     raise ValueError('missing key conv1.weight (the ResNet stem): not a checkpoint of the '
                      'original DeepLabV2')
   blocks = {1: set(), 2: set(), 3: set(), 4: set()}
-  for key in keys:
+  for key in shapes:
     if match := _BLOCK.match(key):
       blocks[int(match[1])].add(int(match[2]))
   if empty := [f'layer{i}' for i, found in blocks.items() if not found]:
     raise ValueError(f'no blocks of {", ".join(empty)} in the state dict')
-  layers = tuple(max(found) + 1 for found in blocks.values())
-  return layers, int(np.shape(state_dict[_key_as_given(state_dict, 'conv1.weight')])[0])
-
-
-def _key_as_given(state_dict: Mapping[str, Any], key: str) -> str:
-  return key if key in state_dict else IMAGENET_PREFIX + key
+  return tuple(max(found) + 1 for found in blocks.values()), int(shapes['conv1.weight'][0])
 
 
 def _torch_name(path: tuple[str, ...]) -> str:
@@ -115,11 +111,11 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], num_classes: int,
   """Flax variables of `DeepLabV2Depth` from a state dict of the original.
 
   Args:
-    state_dict: {name: array} (numpy arrays or anything `np.asarray` takes, CPU torch tensors
-      included) with the original's names: an ImageNet `Scale.` file or a trained checkpoint.
+    state_dict: {name: array} (numpy arrays or anything `np.asarray` takes, detached CPU
+      torch tensors included) with the original's names: an ImageNet `Scale.` file or a trained checkpoint.
     num_classes: classes of the segmenter (the classifier's shape, if the file has one).
-    seed: PRNG seed of the N(0, 0.01) initialization of heads the file lacks; they equal those
-      of `model.init(jax.random.PRNGKey(seed), ...)`.
+    seed: PRNG seed of the N(0, 0.01) initialization of heads the file lacks: the same draws
+      as `model.init(jax.random.PRNGKey(seed), ...)` (up to float rounding).
   Returns:
     {'params': ..., 'batch_stats': ...} for
     `DeepLabV2Depth(num_classes, layers, width)` with (layers, width) = `infer_architecture`.

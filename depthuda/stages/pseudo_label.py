@@ -57,9 +57,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   variables, meta = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt')).restore_best(abstract)
 
   @jax.jit
-  def probabilities(images):
+  def confident(images):
+    """[1,H,W,3] -> [H,W] uint8: argmax where the softmax confidence passes the threshold."""
     logits, _, _ = seg.apply(variables, images, train=False)
-    return jax.nn.softmax(losses.upsample_bilinear(logits.astype(jnp.float32), (h, w)), -1)
+    probs = jax.nn.softmax(losses.upsample_bilinear(logits.astype(jnp.float32), (h, w)), -1)
+    return pseudo.confident_labels(probs[0], config.pseudo.threshold, ignore_label=IGNORE)
 
   kept = np.zeros(num_classes, np.int64)
   count = 0
@@ -69,8 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if os.path.exists(path):  # Resume: count what an earlier run wrote.
       labels = np.asarray(Image.open(path))
     else:
-      probs = np.asarray(probabilities(example['image']))[0]
-      labels = pseudo.spatial_prior(pseudo.confident_labels(probs, config.pseudo.threshold), sizes,
+      labels = pseudo.spatial_prior(np.asarray(confident(example['image'])), sizes,
                                     ignore_label=IGNORE)
       visualize.save_png(path, labels.astype(np.uint8))
     kept += np.bincount(labels[labels != IGNORE].ravel(), minlength=num_classes)[:num_classes]

@@ -123,7 +123,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
           variables = {'params': state.params, 'batch_stats': state.batch_stats}
           result = evaluation.evaluate(config, seg, variables, desc=f'{stage} eval @{done}')
           log.scalars(done, {'val_miou': result['miou'],
-                             **{f'val_iou/{k}': v for k, v in result['per_class_iou'].items()}})
+                             **{f'val_iou/{k}': v for k, v in result['per_class_iou'].items()
+                                if v is not None}})
           if config.log_images_every_steps and done % config.log_images_every_steps == 0:
             log.images(done, evaluation.image_panels(config, seg, variables, count=2))
           if result['miou'] > meta['best_miou']:

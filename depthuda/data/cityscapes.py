@@ -1,0 +1,61 @@
+"""Cityscapes through TFDS's own `cityscapes/semantic_segmentation` builder.
+
+The builder reads the two official zips from a manual directory
+(data.target_dir) and yields `image_id`, `image_left` (uint8 [1024, 2048, 3])
+and `segmentation_label` (labelIds, uint8 [1024, 2048, 1]) for the splits
+'train' (2,975), 'validation' (500) and 'test' (1,525).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import zipfile
+
+import tensorflow_datasets as tfds
+
+from depthuda.errors import InputError
+
+ZIPS = ('leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip')
+SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}  # TFDS -> folder
+
+
+def _image_counts(images_zip: str) -> dict[str, int]:
+  """Left images per TFDS split, from the zip's directory (nothing is extracted)."""
+  pattern = re.compile(r'leftImg8bit/(train|val|test)/[^/]+/[^/]+_leftImg8bit\.png$')
+  counts = {split: 0 for split in SPLITS}
+  folders = {folder: split for split, folder in SPLITS.items()}
+  with zipfile.ZipFile(images_zip) as archive:
+    for name in archive.namelist():
+      match = pattern.match(name)
+      if match:
+        counts[folders[match.group(1)]] += 1
+  return counts
+
+
+def prepare(target_dir: str, tfds_dir: str) -> tfds.core.DatasetBuilder:
+  """The prepared Cityscapes builder under `tfds_dir`, built from `target_dir`'s zips.
+
+  Preparing extracts the zips to a scratch folder under `tfds_dir` that is
+  removed afterwards (the prepared TFRecords hold everything needed).
+  """
+  paths = [os.path.join(target_dir, name) for name in ZIPS]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise InputError(f'Cityscapes: {" and ".join(missing)} not found (download '
+                     f'{" and ".join(ZIPS)} from https://www.cityscapes-dataset.com into '
+                     'data.target_dir)')
+  builder = tfds.builder('cityscapes/semantic_segmentation', data_dir=tfds_dir)
+  if not builder.is_prepared():
+    scratch = os.path.join(tfds_dir, 'downloads', 'cityscapes_extracted')
+    shutil.rmtree(scratch, ignore_errors=True)  # a cut-off run's partial extraction
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=target_dir, extract_dir=scratch, try_download_gcs=False))
+    shutil.rmtree(scratch, ignore_errors=True)
+  expected = _image_counts(paths[0])
+  prepared = {split: builder.info.splits[split].num_examples for split in SPLITS}
+  if prepared != expected:
+    raise InputError(f'{builder.data_dir} holds Cityscapes splits of sizes {prepared} but '
+                     f'{paths[0]} has {expected}: delete it or point data.tfds_dir elsewhere')
+  return builder

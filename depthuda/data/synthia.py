@@ -1,0 +1,142 @@
+"""SYNTHIA-RAND-CITYSCAPES as a TFDS dataset read from a manual directory.
+
+    <source_dir>/RGB/0000000.png            8-bit RGB image
+    <source_dir>/parsed_LABELS/0000000.png  8-bit SYNTHIA class ids, one channel
+    <source_dir>/Depth/0000000.png          16-bit depth, one channel
+
+The builder stores each example as PNGs: image (uint8 [H, W, 3]), label
+(uint8 [H, W, 1]), depth (uint16 [H, W, 1]) and the file's stem as name. Files
+already in that form are copied byte for byte; others are normalised first:
+the original reads depth with OpenCV as a single 16-bit grayscale channel, and
+SYNTHIA's depth PNGs repeat the value in three identical 16-bit channels, so the
+first channel is that value; a label PNG with several channels (SYNTHIA's raw
+16-bit GT/LABELS) also keeps its first channel, which holds the class id.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from depthuda.errors import InputError
+
+FOLDERS = ('RGB', 'parsed_LABELS', 'Depth')
+
+
+def _png_format(path: str) -> tuple[int, int]:
+  """(bit depth, PNG colour type) from the IHDR chunk; colour type 0 is gray, 2 RGB."""
+  with open(path, 'rb') as f:
+    head = f.read(26)
+  if head[:8] != b'\x89PNG\r\n\x1a\n':
+    raise InputError(f'{path} is not a PNG file')
+  return struct.unpack('>BB', head[24:26])
+
+
+def _single_channel(path: str, dtype: type) -> str | np.ndarray:
+  """`path` if it is a one-channel PNG of `dtype`, else its first channel [H, W, 1]."""
+  bit_depth, colour_type = _png_format(path)
+  bits = 16 if dtype == np.uint16 else 8
+  if colour_type == 0 and bit_depth == bits:
+    return path
+  if bit_depth == 16:  # PIL cannot read 16-bit colour PNGs
+    with open(path, 'rb') as f:
+      array = tf.io.decode_png(f.read(), channels=0, dtype=tf.uint16).numpy()
+  else:  # PIL keeps palette indices as they are
+    array = np.asarray(Image.open(path))
+  array = array[..., 0] if array.ndim == 3 else array
+  if bits < bit_depth and array.max() >= 2 ** bits:
+    raise InputError(f'{path}: values up to {array.max()} do not fit {bits} bits')
+  if bits > bit_depth:
+    raise InputError(f'{path}: {bit_depth}-bit PNG, expected {bits}-bit depth')
+  return array.astype(dtype)[..., None]
+
+
+def _rgb(path: str) -> str | np.ndarray:
+  """`path` if it is an 8-bit RGB PNG, else the image converted as PIL does."""
+  if _png_format(path) == (8, 2):
+    return path
+  return np.asarray(Image.open(path).convert('RGB'))
+
+
+def list_examples(source_dir: str) -> list[str]:
+  """Sorted file stems of `source_dir`, checked to have all three files."""
+  for folder in FOLDERS:
+    if not os.path.isdir(os.path.join(source_dir, folder)):
+      raise InputError(f'SYNTHIA: folder {os.path.join(source_dir, folder)} not found '
+                       f'(expected {", ".join(FOLDERS)} under data.source_dir)')
+  stems = sorted(f[:-4] for f in os.listdir(os.path.join(source_dir, 'RGB'))
+                 if f.endswith('.png'))
+  if not stems:
+    raise InputError(f'SYNTHIA: no PNG images in {os.path.join(source_dir, "RGB")}')
+  for folder in FOLDERS[1:]:
+    present = {f[:-4] for f in os.listdir(os.path.join(source_dir, folder))}
+    missing = [s for s in stems if s not in present]
+    if missing:
+      raise InputError(f'SYNTHIA: {len(missing)} images lack a {folder} file, e.g. '
+                       f'{os.path.join(source_dir, folder, missing[0] + ".png")}')
+  return stems
+
+
+class SynthiaRandCityscapes(tfds.core.GeneratorBasedBuilder):
+  """SYNTHIA-RAND-CITYSCAPES: synthetic street scenes with class ids and depth."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'RGB, parsed_LABELS and Depth of SYNTHIA-RAND-CITYSCAPES.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  Download SYNTHIA-RAND-CITYSCAPES (CVPR16) from https://synthia-dataset.net
+  (Downloads page) and extract it. Arrange `manual_dir` (data.source_dir) as
+    RGB/NNNNNNN.png            the images (RAND_CITYSCAPES/RGB)
+    Depth/NNNNNNN.png          16-bit depth (RAND_CITYSCAPES/Depth/Depth)
+    parsed_LABELS/NNNNNNN.png  class ids: 8-bit one-channel labels as DADA and
+                               ADVENT use them, or the raw 16-bit GT/LABELS
+                               files (the first channel holds the id).
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='SYNTHIA-RAND-CITYSCAPES: 9,400 synthetic 1280x760 images '
+                    'with SYNTHIA class ids and 16-bit depth.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+            'label': tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                                         encoding_format='png'),
+            'depth': tfds.features.Image(shape=(None, None, 1), dtype=np.uint16,
+                                         encoding_format='png'),
+            'name': tfds.features.Text(),
+        }),
+        homepage='https://synthia-dataset.net',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    return {'train': self._generate_examples(root, list_examples(root))}
+
+  def _generate_examples(self, root: str, stems: list[str]):
+    for stem in stems:
+      path = lambda folder: os.path.join(root, folder, stem + '.png')
+      yield stem, {
+          'image': _rgb(path('RGB')),
+          'label': _single_channel(path('parsed_LABELS'), np.uint8),
+          'depth': _single_channel(path('Depth'), np.uint16),
+          'name': stem,
+      }
+
+
+def prepare(source_dir: str, tfds_dir: str) -> tfds.core.DatasetBuilder:
+  """The prepared builder of `source_dir` under `tfds_dir` (built on first use)."""
+  stems = list_examples(source_dir)
+  builder = SynthiaRandCityscapes(data_dir=tfds_dir)
+  if not builder.is_prepared():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=source_dir, try_download_gcs=False))
+  prepared = builder.info.splits['train'].num_examples
+  if prepared != len(stems):
+    raise InputError(f'{builder.data_dir} holds {prepared} SYNTHIA images but {source_dir} has '
+                     f'{len(stems)}: delete it or point data.tfds_dir elsewhere')
+  return builder

@@ -1,0 +1,172 @@
+"""Tests for depthuda.gmm: EM against sklearn, masking, streaming, log densities."""
+
+import jax
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from sklearn.mixture import GaussianMixture
+
+from depthuda import gmm
+
+K = 5
+# One padded shape for most tests, so the jitted fit compiles once for the file.
+COUNTS = [500, 1200, 800]
+
+
+def _well_separated(counts, seed=0):
+  """Padded [C, N, 3] points at the real scale (x < 161, y < 96, z up to ~300) and the mask."""
+  rng = np.random.default_rng(seed)
+  centers = np.array([[20, 10, 2], [140, 80, 50], [80, 50, 200], [30, 85, 120], [150, 15, 280]],
+                     np.float64)
+  points = np.zeros((len(counts), max(counts), 3), np.float32)
+  mask = np.zeros((len(counts), max(counts)), bool)
+  for c, n in enumerate(counts):
+    shifted = centers + rng.normal(0, 3, centers.shape)
+    stds = rng.uniform(0.5, 4, centers.shape)
+    comp = rng.integers(0, K, n)
+    points[c, :n] = shifted[comp] + rng.standard_normal((n, 3)) * stds[comp]
+    mask[c, :n] = True
+  return points, mask
+
+
+def _numpy_log_density(params, x, c):
+  """log sum_k w_k prod_h N(x_h; mu_kh, var_kh) for one point x [D] of class c, in float64."""
+  w, mu, var = (np.asarray(a, np.float64)[c] for a in (params.weights, params.means,
+                                                       params.variances))
+  log_terms = np.log(w) - 0.5 * np.sum(np.log(2 * np.pi * var) + (x - mu) ** 2 / var, axis=-1)
+  return logsumexp(log_terms)
+
+
+def _assert_params_close(a, b, rtol, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_fit_matches_sklearn_loglik():
+  counts = COUNTS
+  points, mask = _well_separated(counts)
+  params, info = gmm.fit(points, mask, num_components=K, seed=0, tol=1e-3, var_floor=1e-6,
+                         return_info=True)
+  ours = np.asarray(gmm.mean_log_likelihood(params, points, mask))
+  assert bool(np.all(info['converged']))
+  for c, n in enumerate(counts):
+    x = points[c, :n].astype(np.float64)
+    reference = GaussianMixture(K, covariance_type='diag', tol=1e-3, reg_covar=1e-6,
+                                random_state=0).fit(x)
+    assert abs(ours[c] - reference.score(x)) < 0.01
+  np.testing.assert_allclose(np.asarray(params.weights).sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(info['class_mean_log_likelihood']), ours, atol=0.01)
+
+
+def test_masked_values_have_no_influence():
+  points, mask = _well_separated(COUNTS, seed=1)
+  params = gmm.fit(points, mask, num_components=K, seed=3)
+  rng = np.random.default_rng(1)
+  for garbage in (1e7 * rng.standard_normal(points.shape), np.full(points.shape, np.nan),
+                  np.full(points.shape, -np.inf)):
+    noisy = np.where(mask[..., None], points, garbage).astype(np.float32)
+    other = gmm.fit(noisy, mask, num_components=K, seed=3)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(other)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_fit_streaming_equals_fit():
+  points, mask = _well_separated(COUNTS, seed=2)
+  expected, expected_info = gmm.fit(points, mask, num_components=K, seed=5, return_info=True)
+  bounds = [0, 150, 600, 601, 1200]  # uneven chunks, one of a single point
+
+  def chunks():
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      yield points[:, lo:hi], mask[:, lo:hi]
+
+  seen = []
+  params, info = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=5,
+                                   progress=lambda step, ll: seen.append((step, ll)))
+  _assert_params_close(params, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(info['class_iterations'],
+                                np.asarray(expected_info['class_iterations']))
+  assert [s for s, _ in seen] == list(range(1, int(info['iterations']) + 1))
+  assert abs(seen[-1][1] - float(info['mean_log_likelihood'])) < 1e-6
+
+
+def test_fit_streaming_on_shared_grid_points():
+  """Chunks of grid cells shared by all classes (class_points) give the per-class fit."""
+  rng = np.random.default_rng(4)
+  labels = rng.integers(0, 4, (6, 12, 20))
+  labels[labels == 3] = 255  # ignore: in no class
+  labels[:, :6] = np.where(labels[:, :6] == 0, 1, labels[:, :6])
+  depth = rng.gamma(2.0, 10.0, labels.shape).astype(np.float32) + 1
+  num_classes = 3
+  points, mask = gmm.class_points(labels, depth, num_classes)
+  per_class = np.broadcast_to(np.asarray(points), (num_classes,) + points.shape).copy()
+  expected = gmm.fit(per_class, np.asarray(mask), num_components=3, seed=1)
+
+  def chunks():
+    for i in range(0, 6, 2):
+      yield gmm.class_points(labels[i:i + 2], depth[i:i + 2], num_classes)
+
+  params, _ = gmm.fit_streaming(chunks, per_class, np.asarray(mask), num_components=3, seed=1)
+  _assert_params_close(params, expected, rtol=1e-4, atol=1e-4)
+  # Cell (row 2, column 7) of image 1 is the point (7, 2, depth).
+  index = 1 * 12 * 20 + 2 * 20 + 7
+  np.testing.assert_allclose(np.asarray(points[index]), [7, 2, depth[1, 2, 7]])
+
+
+def test_stats_add_over_chunks():
+  points, mask = _well_separated(COUNTS, seed=6)
+  params = gmm.fit(points, mask, num_components=K, max_iters=2)
+  whole = gmm.accumulate(params, points, mask)
+  halves = (gmm.accumulate(params, points[:, :123], mask[:, :123])
+            + gmm.accumulate(params, points[:, 123:], mask[:, 123:]))
+  _assert_params_close(halves, whole, rtol=1e-4, atol=1e-3)
+  _assert_params_close(gmm.m_step(halves, 1e-6), gmm.m_step(whole, 1e-6), rtol=1e-4, atol=1e-4)
+
+
+def test_log_density_matches_numpy():
+  rng = np.random.default_rng(7)
+  c_num, d = 4, 3
+  weights = rng.dirichlet(np.ones(K), c_num).astype(np.float32)
+  means = rng.uniform([0, 0, 1], [161, 96, 300], (c_num, K, d)).astype(np.float32)
+  variances = rng.uniform(1, 400, (c_num, K, d)).astype(np.float32)
+  variances[0, 0] = 1e-6  # a collapsed component
+  params = gmm.GMMParams(weights=weights, means=means, variances=variances)
+  x = rng.uniform([0, 0, 0], [161, 96, 300], (2, 9, d)).astype(np.float32)
+  x[0, 0] = means[0, 0]
+  class_ids = rng.integers(0, c_num, (2, 9))
+  class_ids[0, 0] = 0
+  ours = np.asarray(gmm.log_density(params, x, class_ids))
+  expected = np.array([[_numpy_log_density(params, x[i, j], class_ids[i, j]) for j in range(9)]
+                       for i in range(2)])
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_degenerate_and_empty_classes():
+  """A point mass (sky at inverse depth 1, one grid column) gets exactly var_floor; an empty
+  class gets the documented default; everything stays finite."""
+  rng = np.random.default_rng(8)
+  n = 2000
+  points = np.zeros((3, n, 3), np.float32)
+  points[0, :, 0] = rng.integers(0, 161, n)
+  points[0, :, 1] = rng.integers(0, 30, n)
+  points[0, :, 2] = 1.0
+  points[2] = rng.normal([80, 40, 20], [30, 10, 5], (n, 3))
+  points[2, :, 0] = 77.0
+  mask = np.ones((3, n), bool)
+  mask[1] = False
+  params, info = gmm.fit(points, mask, num_components=3, var_floor=1e-6, return_info=True)
+  variances = np.asarray(params.variances)
+  np.testing.assert_allclose(variances[0, :, 2], 1e-6, rtol=1e-3)
+  np.testing.assert_allclose(variances[2, :, 0], 1e-6, rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(params.means)[0, :, 2], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(params.weights)[1], 1 / 3)
+  np.testing.assert_array_equal(np.asarray(params.means)[1], 0.0)
+  np.testing.assert_array_equal(variances[1], 1.0)
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(params))
+  assert int(info['class_iterations'][1]) == 0 and bool(info['converged'][1])
+  assert np.isnan(info['class_mean_log_likelihood'][1])
+  assert np.isfinite(float(info['mean_log_likelihood']))
+
+
+def test_fit_rejects_empty_point_axis():
+  with pytest.raises(ValueError, match='N > 0'):
+    gmm.fit(np.zeros((2, 0, 3), np.float32), np.zeros((2, 0), bool))

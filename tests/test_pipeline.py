@@ -1,0 +1,190 @@
+"""Input pipeline on a tiny generated toy: TFDS builders, values, order, resumption, shards."""
+
+import itertools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from depthuda.data import cityscapes
+from depthuda.data import labels
+from depthuda.data import pipeline
+from depthuda.data import synthia
+from depthuda.errors import InputError
+
+SOURCE_SIZE = (64, 38)  # = input size, so source images are not resampled
+
+
+def _config(root, **data):
+  c = ml_collections.ConfigDict()
+  c.seed = 3
+  c.batch_size = 2
+  c.data = ml_collections.ConfigDict(dict(
+      source='synthia', target='cityscapes', source_dir=os.path.join(root, 'synthia'),
+      target_dir=os.path.join(root, 'cityscapes'), tfds_dir=os.path.join(root, 'tfds'),
+      num_classes=16, input_size=SOURCE_SIZE, label_size=(2048, 1024), toy=True,
+      cache_decoded=False, shuffle_buffer=16, toy_num_source=6, toy_num_target_train=4,
+      toy_num_target_val=3, toy_num_target_test=2, toy_source_size=SOURCE_SIZE))
+  c.data.update(data)
+  return c
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  c = _config(str(tmp_path_factory.mktemp('data')))
+  pipeline.ensure_toy_data(c)
+  return c
+
+
+def _take(stream, n):
+  return list(itertools.islice(stream, n))
+
+
+def _source_reference(config):
+  """NumPy reference of every source example: BGR mean-subtracted image, classes, inverse depth."""
+  root, table = config.data.source_dir, labels.label_map('synthia', 16)
+  refs = []
+  for name in sorted(os.listdir(os.path.join(root, 'RGB'))):
+    rgb = np.asarray(Image.open(os.path.join(root, 'RGB', name)), np.float32)
+    ids = np.asarray(Image.open(os.path.join(root, 'parsed_LABELS', name)))
+    raw = np.asarray(Image.open(os.path.join(root, 'Depth', name))).astype(np.float32)
+    refs.append((rgb[..., ::-1] - np.array([104.00698793, 116.66876762, 122.67891434],
+                                           np.float32),
+                 table[ids].astype(np.int32), 65536 / (raw + 1)))
+  return refs
+
+
+def test_builders_read_the_toy(config):
+  src = synthia.prepare(config.data.source_dir, config.data.tfds_dir)
+  assert src.info.splits['train'].num_examples == 6
+  example = next(iter(src.as_dataset(split='train')))
+  assert example['image'].shape == (38, 64, 3) and example['label'].shape == (38, 64, 1)
+  assert example['depth'].dtype.name == 'uint16' and len(example['name'].numpy()) == 7
+  tgt = cityscapes.prepare(config.data.target_dir, config.data.tfds_dir)
+  assert {s: tgt.info.splits[s].num_examples for s in ('train', 'validation', 'test')} == {
+      'train': 4, 'validation': 3, 'test': 2}
+  example = next(iter(tgt.as_dataset(split='validation')))
+  assert example['image_left'].shape == (1024, 2048, 3)
+  assert example['segmentation_label'].shape == (1024, 2048, 1)
+
+
+def test_source_batches_match_numpy(config):
+  refs = _source_reference(config)
+  seen = []
+  for batch in _take(pipeline.source_train(config), 3):  # one epoch: 6 images, batch 2
+    assert batch['image'].shape == (2, 38, 64, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (2, 38, 64) and batch['label'].dtype == np.int32
+    assert batch['depth'].shape == (2, 38, 64) and batch['depth'].dtype == np.float32
+    for image, label, depth in zip(batch['image'], batch['label'], batch['depth']):
+      match = [i for i, ref in enumerate(refs) if np.array_equal(image, ref[0])]
+      assert len(match) == 1  # exact BGR mean subtraction
+      np.testing.assert_array_equal(label, refs[match[0]][1])  # label map applied
+      np.testing.assert_array_equal(depth, refs[match[0]][2])  # inverse depth
+      seen.append(match[0])
+  assert sorted(seen) == list(range(6))  # each image once per epoch
+
+
+@pytest.mark.parametrize('cache_decoded', [False, True])
+def test_resume_equals_the_tail(config, cache_decoded):
+  c = config.copy_and_resolve_references()
+  c.data.cache_decoded = cache_decoded
+  c.data.shuffle_buffer = 4  # smaller than the data: the buffered shuffle matters
+  full = _take(pipeline.source_train(c), 8)  # epochs of 3 steps
+  for start in (2, 4):
+    resumed = _take(pipeline.source_train(c, start_step=start), 8 - start)
+    for a, b in zip(full[start:], resumed):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  # Epochs are reshuffled.
+  epoch = lambda e: np.concatenate([b['depth'] for b in full[3 * e:3 * e + 3]])
+  assert not np.array_equal(epoch(0), epoch(1))
+  target = _take(pipeline.target_train(c), 4)  # 4 images: 2 steps per epoch
+  np.testing.assert_array_equal(target[3]['image'],
+                                next(pipeline.target_train(c, start_step=3))['image'])
+
+
+def test_target_streams(config):
+  (batch,) = _take(pipeline.target_train(config), 1)
+  assert batch['image'].shape == (2, 38, 64, 3) and batch['image'].dtype == np.float32
+  bgr_mean = np.array(labels.MEAN_BGR)
+  assert (batch['image'] >= -bgr_mean - 1e-3).all() and (batch['image'] <= 255 - bgr_mean).all()
+  val = list(pipeline.target_val(config))
+  assert [v['name'] for v in val] == [v['name'] for v in pipeline.target_val(config)]
+  assert {v['name'].split('_')[0] for v in val} == {'frankfurt', 'lindau', 'munster'}
+  for example in val:
+    assert example['image'].shape == (1, 38, 64, 3)
+    assert example['label'].shape == (1, 1024, 2048) and example['label'].dtype == np.int32
+    values = set(np.unique(example['label']).tolist())
+    assert values <= set(range(16)) | {255} and 0 in values and 255 in values
+  names = [e['name'] for e in pipeline.target_images(config, 'train')]
+  assert len(names) == 4 and names == [e['name'] for e in pipeline.target_images(config, 'train')]
+  assert len(list(pipeline.target_images(config, 'test'))) == 2
+
+
+def test_source_grid_points(config):
+  batches = list(pipeline.source_grid_points(config, batch_size=4))
+  assert [b['label'].shape for b in batches] == [(4, 38, 64), (2, 38, 64)]
+  refs = _source_reference(config)
+  depths = np.concatenate([b['depth'] for b in batches])
+  assert sorted(int(np.argmin([np.abs(d - r[2]).max() for r in refs])) for d in depths) == list(
+      range(6))
+
+
+def test_process_shards_partition_the_data(config, monkeypatch):
+  names = {}
+  for index in range(2):
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    names[index] = [e['name'] for e in pipeline.target_val(config)]
+    (batch,) = _take(pipeline.source_train(config), 1)
+    assert batch['image'].shape[0] == 1  # batch_size 2 over 2 processes
+  assert not set(names[0]) & set(names[1]) and len(names[0]) + len(names[1]) == 3
+
+
+def test_pseudo_labeled_target(config, tmp_path):
+  label_dir = tmp_path / 'labels'
+  with pytest.raises(InputError, match='pseudo-label'):
+    pipeline.pseudo_labeled_target(config, str(label_dir))
+  os.makedirs(label_dir)
+  images = {}
+  for k, example in enumerate(pipeline.target_images(config, 'train')):
+    images[k] = example['image'][0]
+    label = np.full((38, 64), k, np.uint8)
+    label[:5] = 255
+    Image.fromarray(label).save(label_dir / f"{example['name']}.png")
+  for batch in _take(pipeline.pseudo_labeled_target(config, str(label_dir)), 3):
+    assert batch['label'].dtype == np.int32 and batch['label'].shape == (2, 38, 64)
+    for image, label in zip(batch['image'], batch['label']):
+      (k,) = [k for k, ref in images.items() if np.array_equal(ref, image)]
+      assert (label[5:] == k).all() and (label[:5] == 255).all()
+
+
+def test_missing_inputs_name_the_culprit(tmp_path):
+  c = _config(str(tmp_path), toy=False)
+  with pytest.raises(InputError, match='RGB'):
+    next(pipeline.source_train(c))
+  with pytest.raises(InputError, match='leftImg8bit_trainvaltest.zip'):
+    next(pipeline.target_train(c))
+
+
+def test_synthia_builder_normalises_other_png_formats(tmp_path):
+  """SYNTHIA's own files: depth in three identical 16-bit channels, labels as 16-bit colour."""
+  import tensorflow as tf
+  rng = np.random.default_rng(0)
+  depth = rng.integers(0, 65536, (5, 7), np.uint16)
+  ids = rng.integers(0, 23, (5, 7), np.uint16)
+  rgba = rng.integers(0, 256, (5, 7, 4), np.uint8)
+  for folder in synthia.FOLDERS:
+    os.makedirs(tmp_path / 'src' / folder)
+  Image.fromarray(rgba).save(tmp_path / 'src' / 'RGB' / '0000000.png')
+  for folder, array in (('Depth', depth), ('parsed_LABELS', ids)):
+    png = tf.io.encode_png(np.repeat(array[..., None], 3, -1)).numpy()
+    (tmp_path / 'src' / folder / '0000000.png').write_bytes(png)
+  builder = synthia.prepare(str(tmp_path / 'src'), str(tmp_path / 'tfds'))
+  example = next(iter(builder.as_dataset(split='train')))
+  np.testing.assert_array_equal(example['depth'][..., 0], depth)
+  np.testing.assert_array_equal(example['label'][..., 0], ids)
+  np.testing.assert_array_equal(example['image'], rgba[..., :3])
