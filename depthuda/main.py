@@ -53,6 +53,8 @@ def main(argv):
     _initialize_distributed(jax)
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # The input pipeline must not take GPU memory.
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()  # One-off dataset preparation; our own bars show the stages.
   from depthuda import stages
   from depthuda import reporting
   from depthuda.errors import InputError
