@@ -80,6 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.pseudo.threshold = 0.9
   # None: computed from the source pixel counts (METHOD §6); a tuple overrides.
   c.pseudo.min_region_sizes = ml_collections.FieldReference(None, field_type=tuple)
+  # The input size at which the computed N_c hold (METHOD §6); other sizes scale by area.
+  c.pseudo.reference_input_size = (1280, 760)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_images = 0  # 0: the whole validation set.

@@ -111,13 +111,14 @@ def _forward(seg: nn.Module, params, batch_stats, images, train_bn: bool):
   return seg.apply(variables, images, train=True), batch_stats
 
 
-def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams, *,
+def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | None, *,
                seg: nn.Module, disc: nn.Module, seg_tx, disc_tx,
                config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
   """One iteration of METHOD §5 on this device's share of the batch.
 
   batch: {'source': {'image' [b,H,W,3], 'label' [b,H,W], 'depth' [b,H,W]},
           'target': {'image' [b,H,W,3]}}.
+  gmm_params may be None when both density losses are off (e.g. source-only training).
   Returns the new state and a dict of scalars (averaged over devices).
   """
   lam = config.loss
@@ -144,17 +145,23 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams, *,
         losses.upsample_bilinear(seg_s, size), src['label'], class_weights, axis_name=axis_name)
     terms['loss_depth'] = losses.berhu(
         losses.upsample_bilinear(dep_s, size)[..., 0], src['depth'], axis_name=axis_name)
-    src_target = density.source_density_target(
-        gmm_params, jax.lax.stop_gradient(seg_s), density.nearest_resize(src['label'], grid),
-        density.nearest_resize(src['depth'], grid), scale)
-    terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
+    if lam.lambda_bal_src > 0:
+      src_target = density.source_density_target(
+          gmm_params, jax.lax.stop_gradient(seg_s), density.nearest_resize(src['label'], grid),
+          density.nearest_resize(src['depth'], grid), scale)
+      terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
+    else:
+      terms['loss_bal_src'] = jnp.zeros(())
     aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s))}
     if use_target:
       (seg_t, dens_t, dep_t), stats = _forward(seg, params, stats, tgt['image'], train_bn)
       seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
-      tgt_target = density.target_density_target(
-          gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]), scale)
-      terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
+      if lam.lambda_bal_tgt > 0:
+        tgt_target = density.target_density_target(
+            gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]), scale)
+        terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
+      else:
+        terms['loss_bal_tgt'] = jnp.zeros(())
       d_tgt = disc_input(seg_t, dens_t)
       aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
       # D's parameters are read, not differentiated: `params` is the only argument of grad.

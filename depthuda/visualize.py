@@ -172,13 +172,15 @@ def panel(images: Sequence[np.ndarray], titles: Sequence[str] | None = None,
   """Side-by-side strip of RGB images, all resized to one height, titled on top.
 
   Args:
-    images: list of [H_i, W_i, 3] uint8.
+    images: list of [H_i, W_i, 3] uint8. Pass label maps already at `height`
+      (resized nearest): the resize here is bilinear and would blend class colours.
     titles: optional list of captions, one per image.
     height: common height; defaults to the smallest H_i.
     gap: white pixels between images.
 
   Returns:
-    [title band + height, sum of widths + gaps, 3] uint8.
+    [title band + height, sum of widths + gaps, 3] uint8; captions are
+    max(11, height // 16) pixels tall.
   """
   if not images:
     raise ValueError('panel needs at least one image.')
@@ -188,16 +190,17 @@ def panel(images: Sequence[np.ndarray], titles: Sequence[str] | None = None,
   resized = [
       _resize(image, height, max(1, round(image.shape[1] * height / image.shape[0])),
               nearest=False) for image in images]
-  band = 18 if titles else 0
+  font_size = max(11, height // 16)
+  band = font_size + 8 if titles else 0
   width = sum(image.shape[1] for image in resized) + gap * (len(resized) - 1)
   canvas = Image.new('RGB', (width, band + height), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
-  font = ImageFont.load_default()
+  font = ImageFont.load_default(size=font_size)
   x = 0
   for index, image in enumerate(resized):
     canvas.paste(Image.fromarray(image), (x, band))
     if titles:
-      draw.text((x + 2, 2), titles[index], fill=(0, 0, 0), font=font)
+      draw.text((x + 3, 3), titles[index], fill=(0, 0, 0), font=font)
     x += image.shape[1] + gap
   return np.asarray(canvas)
 
@@ -209,21 +212,66 @@ def _save_figure(figure: Figure, path: str | os.PathLike[str]) -> None:
 
 
 def plot_confusion_matrix(cm: Any, class_names: Sequence[str],
-                          path: str | os.PathLike[str]) -> None:
-  """Row-normalized confusion matrix (recall per label) as a PNG heat map."""
+                          path: str | os.PathLike[str], title: str | None = None) -> None:
+  """Row-normalized confusion matrix (recall per label) as a PNG heat map.
+
+  Every cell is written out in percent; rows without labels stay empty.
+  """
   cm = np.asarray(cm, np.float64)
   rows = cm.sum(axis=1, keepdims=True)
   normalized = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-  size = 2.0 + 0.45 * len(class_names)
-  figure = Figure(figsize=(size + 1.5, size))
+  num_classes = len(class_names)
+  size = 2.5 + 0.5 * num_classes
+  figure = Figure(figsize=(size + 1.5, size + 0.4))
   axes = figure.add_subplot()
   shown = axes.imshow(normalized, cmap='Blues', vmin=0.0, vmax=1.0)
-  ticks = np.arange(len(class_names))
-  axes.set_xticks(ticks, class_names, rotation=90)
+  font = 9 if num_classes <= 10 else 7
+  for (row, col), value in np.ndenumerate(normalized):
+    if rows[row, 0] > 0:
+      axes.text(col, row, f'{100 * value:.0f}', ha='center', va='center', fontsize=font,
+                color='white' if value > 0.5 else 'black')
+  ticks = np.arange(num_classes)
+  axes.set_xticks(ticks, class_names, rotation=45, ha='right', rotation_mode='anchor')
   axes.set_yticks(ticks, class_names)
-  axes.set_xlabel('prediction')
-  axes.set_ylabel('label')
-  figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
+  axes.set_xlabel('predicted class')
+  axes.set_ylabel('true class')
+  axes.set_title(title or 'confusion matrix')
+  bar = figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
+  bar.set_label('fraction of the true class\'s pixels')
+  figure.tight_layout()
+  _save_figure(figure, path)
+
+
+def plot_class_iou(per_class_iou: Mapping[str, float | None], path: str | os.PathLike[str],
+                   title: str | None = None) -> None:
+  """Horizontal bars of per-class IoU (percent), in the classes' palette colours.
+
+  Args:
+    per_class_iou: {class name: IoU in percent, or None for a class absent from
+      labels and predictions}, in class-id order (as `evaluate.results_dict`).
+    path: output PNG.
+    title: figure title; the mean over the present classes is added to it.
+  """
+  names = list(per_class_iou)
+  values = [per_class_iou[n] for n in names]
+  present = [v for v in values if v is not None]
+  mean = float(np.mean(present)) if present else float('nan')
+  colours = palette(len(names)) / 255.0 if len(names) <= 20 else None
+  figure = Figure(figsize=(6.0, 1.0 + 0.32 * len(names)))
+  axes = figure.add_subplot()
+  positions = np.arange(len(names))
+  axes.barh(positions, [0.0 if v is None else v for v in values], color=colours,
+            edgecolor='black', linewidth=0.5)
+  for position, value in zip(positions, values):
+    text = 'n/a' if value is None else f'{value:.1f}'
+    axes.text((value or 0.0) + 1.0, position, text, va='center', fontsize=8)
+  axes.axvline(mean, color='gray', linestyle='--', linewidth=1)
+  axes.set_yticks(positions, names)
+  axes.invert_yaxis()
+  axes.set_xlim(0, 105)
+  axes.set_xlabel('IoU (%)')
+  axes.set_title(f'{title or "per-class IoU"} (mIoU {mean:.1f})')
+  axes.grid(axis='x', alpha=0.3)
   figure.tight_layout()
   _save_figure(figure, path)
 
@@ -233,9 +281,23 @@ def _read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _smooth(values: Sequence[float], weight: float) -> np.ndarray:
+  """Exponential moving average (TensorBoard's smoothing), debiased at the start."""
+  out, average, norm = [], 0.0, 0.0
+  for value in values:
+    average = weight * average + (1 - weight) * value
+    norm = weight * norm + (1 - weight)
+    out.append(average / norm)
+  return np.asarray(out)
+
+
 def plot_curves(sources: str | os.PathLike[str] | Iterable[Any],
-                keys: Sequence[str], path: str | os.PathLike[str]) -> None:
-  """Training curves: one subplot per key, value against 'step'.
+                keys: Sequence[str], path: str | os.PathLike[str],
+                title: str | None = None, smoothing: float = 0.6) -> None:
+  """Training curves: one subplot per key (two columns), value against 'step'.
+
+  Series of 10 or more points are drawn faint as logged, with an exponential
+  moving average (weight `smoothing`) on top.
 
   Args:
     sources: a metrics.jsonl path, a list of such paths (one line each,
@@ -243,6 +305,8 @@ def plot_curves(sources: str | os.PathLike[str] | Iterable[Any],
       record dicts (one line).
     keys: metric names to plot; records without a key are skipped for it.
     path: output PNG.
+    title: figure title.
+    smoothing: moving-average weight in [0, 1); 0 draws the raw values only.
   """
   if isinstance(sources, (str, os.PathLike)):
     sources = [sources]
@@ -251,19 +315,31 @@ def plot_curves(sources: str | os.PathLike[str] | Iterable[Any],
     series = [('', sources)]
   else:
     series = [(pathlib.Path(s).parent.name, _read_jsonl(s)) for s in sources]
-  figure = Figure(figsize=(5.0, 2.6 * len(keys)))
+  columns = 1 if len(keys) == 1 else 2
+  grid_rows = -(-len(keys) // columns)
+  figure = Figure(figsize=(5.0 * columns, 0.5 + 2.6 * grid_rows))
+  colours = matplotlib.colormaps['tab10'].colors
   for index, key in enumerate(keys):
-    axes = figure.add_subplot(len(keys), 1, index + 1)
-    for name, records in series:
+    axes = figure.add_subplot(grid_rows, columns, index + 1)
+    for number, (name, records) in enumerate(series):
+      colour = colours[number % len(colours)]
       points = [(r['step'], r[key]) for r in records
                 if key in r and r[key] is not None and np.isfinite(r[key])]
-      if points:
-        steps, values = zip(*points)
-        axes.plot(steps, values, label=name or None)
-    axes.set_title(key)
+      if not points:
+        continue
+      steps, values = zip(*points)
+      if smoothing > 0 and len(values) >= 10:
+        axes.plot(steps, values, color=colour, alpha=0.3, linewidth=1)
+        axes.plot(steps, _smooth(values, smoothing), color=colour, label=name or None)
+      else:
+        axes.plot(steps, values, color=colour, marker='.' if len(values) < 10 else None,
+                  label=name or None)
+    axes.set_title(f'{key} (%)' if 'miou' in key else key)
     axes.set_xlabel('step')
     axes.grid(alpha=0.3)
     if len(series) > 1:
       axes.legend()
+  if title:
+    figure.suptitle(title)
   figure.tight_layout()
   _save_figure(figure, path)

@@ -22,6 +22,16 @@ EXPECTED = {
         (7, 0), (8, 0), (11, 1), (12, 1), (13, 1), (17, 2), (19, 2), (20, 2),
         (21, 3), (22, 3), (23, 4), (24, 5), (25, 5), (26, 6), (27, 6), (28, 6),
         (29, 6), (30, 6), (31, 6), (32, 6), (33, 6)],
+    # Vistas v1.2 indices: flat = bike lane 7, crosswalk 8, curb cut 9, parking 10,
+    # pedestrian area 11, rail track 12, road 13, service lane 14, sidewalk 15, zebra marking
+    # 23, general marking 24, terrain 29; construction = curb 2, fence 3, guard rail 4,
+    # barrier 5, wall 6, bridge 16, building 17, tunnel 18; object = pothole 43 ... traffic
+    # sign front 50; vegetation 30; sky 27; person and riders 19-22; vehicles 52-62.
+    ('mapillary', 7): (
+        [(i, 0) for i in (7, 8, 9, 10, 11, 12, 13, 14, 15, 23, 24, 29)]
+        + [(i, 1) for i in (2, 3, 4, 5, 6, 16, 17, 18)]
+        + [(i, 2) for i in range(43, 51)] + [(30, 3), (27, 4)]
+        + [(i, 5) for i in range(19, 23)] + [(i, 6) for i in range(52, 63)]),
 }
 
 
@@ -61,6 +71,14 @@ def test_names_weights_mean():
   assert [labels.CLASS_NAMES_16[i] for i in labels.CLASSES_13] == [
       'road', 'sidewalk', 'building', 'light', 'sign', 'vegetation', 'sky',
       'person', 'rider', 'car', 'bus', 'motorcycle', 'bicycle']
+
+
+def test_mapillary_label_names():
+  names = labels.MAPILLARY_LABELS
+  assert len(names) == len(set(names)) == 66
+  assert names[0] == 'animal--bird' and names[65] == 'void--unlabeled'
+  assert (names[13], names[27], names[29], names[55]) == (
+      'construction--flat--road', 'nature--sky', 'nature--terrain', 'object--vehicle--car')
 
 
 def test_unknown_map_raises():

@@ -121,6 +121,7 @@ def test_target_streams(config):
     assert values <= set(range(16)) | {255} and 0 in values and 255 in values
   names = [e['name'] for e in pipeline.target_images(config, 'train')]
   assert len(names) == 4 and names == [e['name'] for e in pipeline.target_images(config, 'train')]
+  assert names == [e['name'] for e in pipeline.target_images(config, 'selftrain')]
   assert len(list(pipeline.target_images(config, 'test'))) == 2
 
 
@@ -163,11 +164,17 @@ def test_pseudo_labeled_target(config, tmp_path):
 
 
 def test_missing_inputs_name_the_culprit(tmp_path):
+  # One line each: what is missing, where it was looked for, how to obtain it.
   c = _config(str(tmp_path), toy=False)
-  with pytest.raises(InputError, match='RGB'):
+  with pytest.raises(InputError, match=r'^SYNTHIA: RGB/, parsed_LABELS/, Depth/ not found in '
+                                       r'data.source_dir=/.*synthia-dataset.net[^\n]*$'):
     next(pipeline.source_train(c))
-  with pytest.raises(InputError, match='leftImg8bit_trainvaltest.zip'):
+  with pytest.raises(InputError, match=r'^Cityscapes: leftImg8bit_trainvaltest.zip and '
+                                       r'gtFine_trainvaltest.zip not found in data.target_dir=/'
+                                       r'.*cityscapes-dataset.com[^\n]*$'):
     next(pipeline.target_train(c))
+  with pytest.raises(InputError, match='expected cityscapes or mapillary'):
+    next(pipeline.target_train(_config(str(tmp_path), toy=False, target='kitti')))
 
 
 def test_synthia_builder_normalises_other_png_formats(tmp_path):

@@ -135,3 +135,29 @@ def test_plot_curves_from_files_and_records(tmp_path):
   out2 = tmp_path / 'records.png'
   visualize.plot_curves(records, ['loss_seg', 'missing_key'], out2)
   _assert_nonblank_png(out2)
+
+
+def test_plot_class_iou_with_absent_class(tmp_path):
+  path = tmp_path / 'iou.png'
+  visualize.plot_class_iou({'flat': 91.2, 'construction': 36.5, 'object': None, 'nature': 61.4,
+                            'sky': 73.6, 'human': 6.7, 'vehicle': 37.6}, path, title='test')
+  _assert_nonblank_png(path)
+  pixels = np.asarray(Image.open(path).convert('RGB')).reshape(-1, 3)
+  colours = {tuple(c) for c in pixels}
+  assert (128, 64, 128) in colours and (0, 0, 142) in colours  # Bars in class colours.
+
+
+def test_plot_titles_and_grid_layout(tmp_path):
+  records = [{'step': s, 'loss_seg': 1.0 / (s + 1), 'loss_adv': 0.7, 'val_miou': 40.0 + s}
+             for s in range(20)]
+  one, three = tmp_path / 'one.png', tmp_path / 'three.png'
+  visualize.plot_curves(records, ['loss_seg'], one, title='adapt')
+  visualize.plot_curves(records, ['loss_seg', 'loss_adv', 'val_miou'], three, title='adapt')
+  width_one, height_one = Image.open(one).size
+  width_three, height_three = Image.open(three).size
+  assert width_three == 2 * width_one                   # Two columns of plots.
+  assert height_one < height_three < 3 * height_one     # Two rows, not three.
+  cm = tmp_path / 'cm.png'
+  visualize.plot_confusion_matrix(np.eye(16, dtype=int) * 5, [f'c{i}' for i in range(16)], cm,
+                                  title='confusion')
+  _assert_nonblank_png(cm)

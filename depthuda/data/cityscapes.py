@@ -41,11 +41,11 @@ def prepare(target_dir: str, tfds_dir: str) -> tfds.core.DatasetBuilder:
   removed afterwards (the prepared TFRecords hold everything needed).
   """
   paths = [os.path.join(target_dir, name) for name in ZIPS]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
   if missing:
-    raise InputError(f'Cityscapes: {" and ".join(missing)} not found (download '
-                     f'{" and ".join(ZIPS)} from https://www.cityscapes-dataset.com into '
-                     'data.target_dir)')
+    raise InputError(f'Cityscapes: {" and ".join(missing)} not found in data.target_dir='
+                     f'{os.path.abspath(target_dir)}; download them from '
+                     'https://www.cityscapes-dataset.com (free registration) into that folder')
   builder = tfds.builder('cityscapes/semantic_segmentation', data_dir=tfds_dir)
   if not builder.is_prepared():
     scratch = os.path.join(tfds_dir, 'downloads', 'cityscapes_extracted')

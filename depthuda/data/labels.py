@@ -72,11 +72,69 @@ CITYSCAPES_TO_7 = _table(_groups([
     ((7, 8), 0), ((11, 12, 13), 1), ((17, 19, 20), 2), ((21, 22), 3),
     ((23,), 4), ((24, 25), 5), (range(26, 34), 6)]))
 
+# Mapillary Vistas v1.2 labels in the order of its config.json: a label PNG's pixel value is
+# the index into this tuple.
+MAPILLARY_LABELS = (
+    'animal--bird', 'animal--ground-animal', 'construction--barrier--curb',
+    'construction--barrier--fence', 'construction--barrier--guard-rail',
+    'construction--barrier--other-barrier', 'construction--barrier--wall',
+    'construction--flat--bike-lane', 'construction--flat--crosswalk-plain',
+    'construction--flat--curb-cut', 'construction--flat--parking',
+    'construction--flat--pedestrian-area', 'construction--flat--rail-track',
+    'construction--flat--road', 'construction--flat--service-lane',
+    'construction--flat--sidewalk', 'construction--structure--bridge',
+    'construction--structure--building', 'construction--structure--tunnel', 'human--person',
+    'human--rider--bicyclist', 'human--rider--motorcyclist', 'human--rider--other-rider',
+    'marking--crosswalk-zebra', 'marking--general', 'nature--mountain', 'nature--sand',
+    'nature--sky', 'nature--snow', 'nature--terrain', 'nature--vegetation', 'nature--water',
+    'object--banner', 'object--bench', 'object--bike-rack', 'object--billboard',
+    'object--catch-basin', 'object--cctv-camera', 'object--fire-hydrant', 'object--junction-box',
+    'object--mailbox', 'object--manhole', 'object--phone-booth', 'object--pothole',
+    'object--street-light', 'object--support--pole', 'object--support--traffic-sign-frame',
+    'object--support--utility-pole', 'object--traffic-light', 'object--traffic-sign--back',
+    'object--traffic-sign--front', 'object--trash-can', 'object--vehicle--bicycle',
+    'object--vehicle--boat', 'object--vehicle--bus', 'object--vehicle--car',
+    'object--vehicle--caravan', 'object--vehicle--motorcycle', 'object--vehicle--on-rails',
+    'object--vehicle--other-vehicle', 'object--vehicle--trailer', 'object--vehicle--truck',
+    'object--vehicle--wheeled-slow', 'void--car-mount', 'void--ego-vehicle', 'void--unlabeled')
+
+# The original's name-based Vistas -> 7 map (from DADA): ground surfaces, lane markings and
+# terrain are flat; curbs, barriers and structures construction; poles, lights, signs, sign
+# frames and (as in the original) potholes object. Animals, mountain, sand, snow, water, the
+# remaining street furniture and the void labels are ignored.
+MAPILLARY_7_GROUPS = (
+    ('construction--flat--bike-lane', 'construction--flat--crosswalk-plain',
+     'construction--flat--curb-cut', 'construction--flat--parking',
+     'construction--flat--pedestrian-area', 'construction--flat--rail-track',
+     'construction--flat--road', 'construction--flat--service-lane',
+     'construction--flat--sidewalk', 'marking--crosswalk-zebra', 'marking--general',
+     'nature--terrain'),
+    ('construction--barrier--curb', 'construction--barrier--fence',
+     'construction--barrier--guard-rail', 'construction--barrier--other-barrier',
+     'construction--barrier--wall', 'construction--structure--bridge',
+     'construction--structure--building', 'construction--structure--tunnel'),
+    ('object--pothole', 'object--street-light', 'object--support--pole',
+     'object--support--traffic-sign-frame', 'object--support--utility-pole',
+     'object--traffic-light', 'object--traffic-sign--back', 'object--traffic-sign--front'),
+    ('nature--vegetation',),
+    ('nature--sky',),
+    ('human--person', 'human--rider--bicyclist', 'human--rider--motorcyclist',
+     'human--rider--other-rider'),
+    ('object--vehicle--bicycle', 'object--vehicle--boat', 'object--vehicle--bus',
+     'object--vehicle--car', 'object--vehicle--caravan', 'object--vehicle--motorcycle',
+     'object--vehicle--on-rails', 'object--vehicle--other-vehicle', 'object--vehicle--trailer',
+     'object--vehicle--truck', 'object--vehicle--wheeled-slow'),
+)
+MAPILLARY_TO_7 = _table(_groups(
+    ([MAPILLARY_LABELS.index(name) for name in names], class_id)
+    for class_id, names in enumerate(MAPILLARY_7_GROUPS)))
+
 _TABLES = {
     ('synthia', 16): SYNTHIA_TO_16,
     ('synthia', 7): SYNTHIA_TO_7,
     ('cityscapes', 16): CITYSCAPES_TO_16,
     ('cityscapes', 7): CITYSCAPES_TO_7,
+    ('mapillary', 7): MAPILLARY_TO_7,
 }
 
 

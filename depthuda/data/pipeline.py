@@ -6,19 +6,27 @@ antialiasing, rounded to 8 bits as PIL's resize in the original), flipped RGB
 mapped to the experiment's classes (255 = ignore); SYNTHIA depth becomes
 inverse depth 65536 / (raw + 1) (METHOD §2).
 
-Every process reads its own shard (`tfds.even_splits`) and yields
-config.batch_size // jax.process_count() examples per batch. Training streams
-are endless and deterministic: epoch e is shuffled with a seed drawn from
-(config.seed, stream, e), and a stream started at `start_step` equals the tail
-of an uninterrupted one (it skips only within the current epoch, before
-decoding). An epoch has floor(shard size / batch) steps. With
+Mapillary Vistas (config.data.target='mapillary') is read in place from its
+folders (`depthuda.data.mapillary`): images are resized to fit the input size
+with their aspect kept and padded with black; validation labels keep their own
+resolution, padded with ignore to the input's aspect ratio; the padding of a
+pseudo-labelled image is ignored in self-training.
+
+Every process reads its own shard (`tfds.even_splits`, or equal parts of a
+file list) and yields config.batch_size // jax.process_count() examples per
+batch. Training streams are endless and deterministic: epoch e is shuffled
+with a seed drawn from (config.seed, stream, e), and a stream started at
+`start_step` equals the tail of an uninterrupted one (it skips only within the
+current epoch, before decoding). An epoch has floor(shard size / batch) steps. With
 `config.data.cache_decoded` decoded examples are kept in memory (the toy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -31,6 +39,7 @@ import tensorflow_datasets as tfds
 
 from depthuda.data import cityscapes
 from depthuda.data import labels
+from depthuda.data import mapillary
 from depthuda.data import synthia
 from depthuda.data import toy
 from depthuda.errors import InputError
@@ -41,8 +50,11 @@ except RuntimeError:  # TensorFlow's devices are initialised already.
   pass
 
 _SOURCE, _TARGET, _PSEUDO = range(3)  # stream ids: independent shuffles
-_TARGET_SPLITS = {'train': 'train', 'val': 'validation', 'validation': 'validation',
-                  'test': 'test'}
+# Public split names -> ours. 'selftrain': the images pseudo-labelled and self-trained on.
+_TARGET_SPLITS = {'train': 'train', 'selftrain': 'selftrain', 'val': 'validation',
+                  'validation': 'validation', 'test': 'test'}
+_CITYSCAPES_SPLITS = {'train': 'train', 'selftrain': 'train', 'validation': 'validation',
+                      'test': 'test'}
 
 
 @contextlib.contextmanager
@@ -77,15 +89,52 @@ def ensure_toy_data(config: ml_collections.ConfigDict) -> None:
       shutil.rmtree(os.path.join(data.tfds_dir, stale), ignore_errors=True)
 
 
-def _builder(config: ml_collections.ConfigDict, domain: str) -> tfds.core.DatasetBuilder:
+def _source_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  ensure_toy_data(config)
+  with _lock(config.data.tfds_dir):
+    return synthia.prepare(config.data.source_dir, config.data.tfds_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Examples:
+  """This process's share of a split: examples still encoded (TFDS) or as file paths."""
+  description: str
+  num_examples: int  # in this process's share
+  total: int         # in the whole split
+  read: Callable[[int | None], tf.data.Dataset]  # shuffle seed (None: stored order) -> examples
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """A target dataset: its splits and how to decode one of its examples."""
+  examples: Callable[[str, bool], _Examples]  # (split, drop_remainder)
+  # example -> (f32 [H, W, 3] at input size, i32 [2] rows and columns not padded)
+  image: Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
+  label: Callable[[dict, np.ndarray], tf.Tensor]  # (example, table) -> i32 [HL, WL] classes
+  name: Callable[[dict], tf.Tensor]
+
+
+def _target(config: ml_collections.ConfigDict) -> _Target:
   ensure_toy_data(config)
   data = config.data
-  with _lock(data.tfds_dir):
-    if domain == 'source':
-      return synthia.prepare(data.source_dir, data.tfds_dir)
-    if data.target != 'cityscapes':
-      raise InputError(f'config.data.target={data.target!r}: only cityscapes is supported')
-    return cityscapes.prepare(data.target_dir, data.tfds_dir)
+  size = data.input_size
+  if data.target == 'cityscapes':
+    with _lock(data.tfds_dir):
+      builder = cityscapes.prepare(data.target_dir, data.tfds_dir)
+    return _Target(
+        examples=lambda split, drop: _tfds_examples(builder, _CITYSCAPES_SPLITS[split], drop),
+        image=lambda ex: (decode_image(ex['image_left'], size), tf.constant(_hw(size))),
+        label=lambda ex, table: decode_label(ex['segmentation_label'], data.label_size, table),
+        name=lambda ex: ex['image_id'])
+  if data.target == 'mapillary':
+    mapillary.check_label_names(data.target_dir)
+    return _Target(
+        examples=lambda split, drop: _file_examples(
+            f'Mapillary Vistas {split}', mapillary.list_split(data.target_dir, split), drop),
+        image=lambda ex: decode_padded_image(tf.io.read_file(ex['image']), size),
+        label=lambda ex, table: decode_padded_label(tf.io.read_file(ex['label']), size, table),
+        name=lambda ex: ex['name'])
+  raise InputError(f'config.data.target={data.target!r}: expected cityscapes or mapillary')
 
 
 def _batch_per_process(config: ml_collections.ConfigDict) -> int:
@@ -111,6 +160,31 @@ def _read(builder: tfds.core.DatasetBuilder, split, shuffle_seed: int | None = N
                             decoders=decoders, read_config=read_config)
 
 
+def _tfds_examples(builder: tfds.core.DatasetBuilder, split: str,
+                   drop_remainder: bool) -> _Examples:
+  shard = _shard(split, drop_remainder)
+  splits = builder.info.splits
+  return _Examples(f'{builder.name} {split}', splits[shard].num_examples,
+                   splits[split].num_examples, functools.partial(_read, builder, shard))
+
+
+def _file_examples(description: str, examples: list[mapillary.Example],
+                   drop_remainder: bool) -> _Examples:
+  """This process's contiguous part of `examples`, split as `tfds.even_splits` splits."""
+  count, index = jax.process_count(), jax.process_index()
+  size, extra = divmod(len(examples), count)
+  start = index * size + (0 if drop_remainder else min(index, extra))
+  mine = examples[start:start + size + (index < extra and not drop_remainder)]
+  columns = {key: tf.constant([getattr(e, key) for e in mine], tf.string)
+             for key in ('name', 'image', 'label')}
+
+  def read(shuffle_seed: int | None) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(columns)
+    return ds if shuffle_seed is None else ds.shuffle(max(len(mine), 1), seed=shuffle_seed)
+
+  return _Examples(description, len(mine), len(examples), read)
+
+
 def _hw(size) -> tuple[int, int]:
   width, height = size
   return int(height), int(width)
@@ -131,6 +205,42 @@ def decode_label(png: tf.Tensor, size, table: np.ndarray | None) -> tf.Tensor:
   return label if table is None else tf.gather(tf.constant(table, tf.int32), label)
 
 
+def decode_padded_image(data: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tensor]:
+  """JPEG of any size -> (f32 [H, W, 3], i32 [2]): resized with its aspect kept to fit (W, H)
+  `size` (`mapillary.fitted_size`), padded at the bottom/right with black (0 before mean
+  subtraction, as the original pads), BGR, mean-subtracted; and the (rows, columns) it fills."""
+  # The accurate integer DCT decodes exactly as PIL (the original); TF's default does not.
+  rgb = tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE')
+  height, width = tf.unstack(tf.cast(tf.shape(rgb)[:2], tf.float64))
+  target_h, target_w = _hw(size)
+  # float64 as in Python, so that the sizes equal mapillary.fitted_size's.
+  fit_width = width / height > target_w / target_h
+  full_h, full_w = tf.constant(target_h, tf.float64), tf.constant(target_w, tf.float64)
+  rows = tf.where(fit_width, tf.floor(height * (target_w / width)), full_h)
+  cols = tf.where(fit_width, full_w, tf.floor(width * (target_h / height)))
+  valid = tf.cast(tf.maximum(tf.stack([rows, cols]), 1), tf.int32)
+  image = tf.image.resize(tf.cast(rgb, tf.float32), valid, method='bicubic', antialias=True)
+  image = tf.clip_by_value(tf.round(image), 0, 255)
+  image = tf.pad(image, [[0, target_h - valid[0]], [0, target_w - valid[1]], [0, 0]])
+  image = tf.ensure_shape(image, (target_h, target_w, 3))
+  return image[..., ::-1] - labels.MEAN_BGR, valid
+
+
+def decode_padded_label(data: tf.Tensor, size, table: np.ndarray) -> tf.Tensor:
+  """8-bit label-index PNG -> i32 [HL, WL] classes at its own resolution, padded with ignore
+  to the aspect ratio of (W, H) `size` (`mapillary.read_label`; PIL keeps palette indices)."""
+  read = lambda png: mapillary.read_label(png, tuple(size), table)
+  label = tf.numpy_function(read, [data], tf.int32, stateful=False)
+  return tf.ensure_shape(label, (None, None))
+
+
+def _mask_padding(label: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+  """[H, W] label with ignore outside the top-left `valid` (rows, columns)."""
+  rows = tf.range(tf.shape(label)[0])[:, None] < valid[0]
+  cols = tf.range(tf.shape(label)[1])[None, :] < valid[1]
+  return tf.where(rows & cols, label, labels.IGNORE_LABEL)
+
+
 def decode_inverse_depth(png: tf.Tensor, size) -> tf.Tensor:
   """SYNTHIA 16-bit depth PNG -> float32 [H, W] inverse depth 65536 / (raw + 1)."""
   raw = tf.image.resize(tf.io.decode_png(png, channels=1, dtype=tf.uint16), _hw(size),
@@ -142,22 +252,20 @@ def _epoch_seed(seed: int, stream: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, stream, epoch]).generate_state(1)[0])
 
 
-def _train_stream(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
-                  split: str, decode: Callable, stream: int, start_step: int,
-                  finish: Callable | None = None) -> Iterator[dict]:
+def _train_stream(config: ml_collections.ConfigDict, examples: _Examples, decode: Callable,
+                  stream: int, start_step: int, finish: Callable | None = None) -> Iterator[dict]:
   """Endless epoch-wise shuffled batches of decode(example) (then finish(...), per epoch)."""
   batch = _batch_per_process(config)
-  shard = _shard(split, drop_remainder=True)
-  steps_per_epoch = builder.info.splits[shard].num_examples // batch
+  steps_per_epoch = examples.num_examples // batch
   if steps_per_epoch == 0:
-    raise InputError(f'{builder.name} {split}: fewer images per process than the batch of {batch}')
+    raise InputError(f'{examples.description}: fewer images per process than the batch of {batch}')
   buffer = config.data.shuffle_buffer
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if config.data.cache_decoded:
-    decoded = _read(builder, shard).map(decode, **parallel).cache()
+    decoded = examples.read(None).map(decode, **parallel).cache()
     epoch_examples = lambda seed: decoded.shuffle(buffer, seed=seed)
   else:
-    epoch_examples = lambda seed: _read(builder, shard, seed).shuffle(buffer, seed=seed)
+    epoch_examples = lambda seed: examples.read(seed).shuffle(buffer, seed=seed)
 
   def epochs(epoch: int, step: int) -> Iterator[dict]:
     while True:
@@ -184,37 +292,42 @@ def source_train(config: ml_collections.ConfigDict, *, start_step: int = 0
   decode = lambda ex: {'image': decode_image(ex['image'], size),
                        'label': decode_label(ex['label'], size, table),
                        'depth': decode_inverse_depth(ex['depth'], size)}
-  return _train_stream(config, _builder(config, 'source'), 'train', decode, _SOURCE, start_step)
+  examples = _tfds_examples(_source_builder(config), 'train', drop_remainder=True)
+  return _train_stream(config, examples, decode, _SOURCE, start_step)
 
 
 def target_train(config: ml_collections.ConfigDict, *, start_step: int = 0
                  ) -> Iterator[dict[str, np.ndarray]]:
   """Endless target training-split batches {'image': f32 [b, H, W, 3]}."""
-  size = config.data.input_size
-  decode = lambda ex: {'image': decode_image(ex['image_left'], size)}
-  return _train_stream(config, _builder(config, 'target'), 'train', decode, _TARGET, start_step)
+  target = _target(config)
+  decode = lambda ex: {'image': target.image(ex)[0]}
+  return _train_stream(config, target.examples('train', True), decode, _TARGET, start_step)
 
 
 def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: str, *,
                           start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Endless target training batches with pseudo-labels read from `label_dir`/<name>.png.
+  """Endless batches of the self-training images with pseudo-labels from `label_dir`/<name>.png.
 
-  The PNGs hold class ids or 255 at input size (resized nearest if not).
-  Yields {'image': f32 [b, H, W, 3], 'label': i32 [b, H, W]}.
+  The PNGs hold class ids or 255 at input size (resized nearest if not); pixels of an image's
+  padding (Mapillary) are ignored. Yields {'image': f32 [b, H, W, 3], 'label': i32 [b, H, W]}.
   """
-  builder = _builder(config, 'target')
+  target = _target(config)
+  examples = target.examples('selftrain', True)
   found = len([f for f in os.listdir(label_dir) if f.endswith('.png')]) if os.path.isdir(
       label_dir) else 0
-  needed = builder.info.splits['train'].num_examples
-  if found < needed:
-    raise InputError(f'{label_dir} has {found} pseudo-label PNGs for {needed} target images '
-                     '(run the pseudo_label stage)')
+  if found < examples.total:
+    raise InputError(f'{label_dir} has {found} pseudo-label PNGs for {examples.total} target '
+                     'images (run the pseudo_label stage)')
   size = config.data.input_size
-  decode = lambda ex: {'image': decode_image(ex['image_left'], size), 'name': ex['image_id']}
+
+  def decode(ex):
+    image, valid = target.image(ex)
+    return {'image': image, 'valid': valid, 'name': target.name(ex)}
+
   prefix = os.path.join(label_dir, '')
-  finish = lambda ex: {'image': ex['image'], 'label': decode_label(
-      tf.io.read_file(tf.strings.join([prefix, ex['name'], '.png'])), size, None)}
-  return _train_stream(config, builder, 'train', decode, _PSEUDO, start_step, finish)
+  finish = lambda ex: {'image': ex['image'], 'label': _mask_padding(decode_label(
+      tf.io.read_file(tf.strings.join([prefix, ex['name'], '.png'])), size, None), ex['valid'])}
+  return _train_stream(config, examples, decode, _PSEUDO, start_step, finish)
 
 
 def _one_pass(ds: tf.data.Dataset, decode: Callable, batch: int) -> Iterator[dict]:
@@ -228,29 +341,32 @@ def _one_pass(ds: tf.data.Dataset, decode: Callable, batch: int) -> Iterator[dic
 def target_images(config: ml_collections.ConfigDict, split: str) -> Iterator[dict]:
   """This process's share of a target split in a fixed order, one image at a time.
 
+  `split`: 'train', 'selftrain' (the images to pseudo-label: Cityscapes' train split, or
+  Mapillary's self-training list), 'val'/'validation' or 'test'.
   Yields {'image': f32 [1, H, W, 3], 'name': str (e.g. 'aachen_000000_000019')}.
   """
   if split not in _TARGET_SPLITS:
     raise InputError(f'unknown target split {split!r}; expected one of {sorted(_TARGET_SPLITS)}')
-  size = config.data.input_size
-  decode = lambda ex: {'image': decode_image(ex['image_left'], size), 'name': ex['image_id']}
-  ds = _read(_builder(config, 'target'), _shard(_TARGET_SPLITS[split], drop_remainder=False))
-  return _one_pass(ds, decode, 1)
+  target = _target(config)
+  decode = lambda ex: {'image': target.image(ex)[0], 'name': target.name(ex)}
+  return _one_pass(target.examples(_TARGET_SPLITS[split], False).read(None), decode, 1)
 
 
 def target_val(config: ml_collections.ConfigDict) -> Iterator[dict]:
   """This process's share of the target validation split, one image at a time.
 
-  Yields {'image': f32 [1, H, W, 3], 'label': i32 [1, HL, WL] classes at
-  config.data.label_size (Cityscapes' own 2048x1024), 'name': str}.
+  Yields {'image': f32 [1, H, W, 3], 'label': i32 [1, HL, WL] classes, 'name': str}. Labels
+  are at config.data.label_size for Cityscapes (its own 2048x1024); Mapillary's keep their own
+  resolution, padded with ignore to the input's aspect ratio, so HL, WL vary.
   """
-  size, label_size = config.data.input_size, config.data.label_size
-  table = labels.label_map(config.data.target, config.data.num_classes)
-  decode = lambda ex: {'image': decode_image(ex['image_left'], size),
-                       'label': decode_label(ex['segmentation_label'], label_size, table),
-                       'name': ex['image_id']}
-  ds = _read(_builder(config, 'target'), _shard('validation', drop_remainder=False))
-  return _one_pass(ds, decode, 1)
+  target = _target(config)
+  try:
+    table = labels.label_map(config.data.target, config.data.num_classes)
+  except ValueError as e:
+    raise InputError(f'config.data.num_classes: {e}') from None
+  decode = lambda ex: {'image': target.image(ex)[0], 'label': target.label(ex, table),
+                       'name': target.name(ex)}
+  return _one_pass(target.examples('validation', False).read(None), decode, 1)
 
 
 def source_grid_points(config: ml_collections.ConfigDict, *, batch_size: int | None = None
@@ -264,5 +380,5 @@ def source_grid_points(config: ml_collections.ConfigDict, *, batch_size: int | N
   size, table = config.data.input_size, labels.label_map('synthia', config.data.num_classes)
   decode = lambda ex: {'label': decode_label(ex['label'], size, table),
                        'depth': decode_inverse_depth(ex['depth'], size)}
-  ds = _read(_builder(config, 'source'), _shard('train', drop_remainder=False))
+  ds = _read(_source_builder(config), _shard('train', drop_remainder=False))
   return _one_pass(ds, decode, batch_size or _batch_per_process(config))

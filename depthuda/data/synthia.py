@@ -63,16 +63,24 @@ def _rgb(path: str) -> str | np.ndarray:
   return np.asarray(Image.open(path).convert('RGB'))
 
 
+DOWNLOAD = ('download SYNTHIA-RAND-CITYSCAPES from https://synthia-dataset.net and arrange '
+            'RGB/, Depth/ and parsed_LABELS/ there (README.md, Datasets)')
+
+
+def _missing(what: str, source_dir: str) -> InputError:
+  return InputError(f'SYNTHIA: {what} not found in data.source_dir='
+                    f'{os.path.abspath(source_dir)}; {DOWNLOAD}')
+
+
 def list_examples(source_dir: str) -> list[str]:
   """Sorted file stems of `source_dir`, checked to have all three files."""
-  for folder in FOLDERS:
-    if not os.path.isdir(os.path.join(source_dir, folder)):
-      raise InputError(f'SYNTHIA: folder {os.path.join(source_dir, folder)} not found '
-                       f'(expected {", ".join(FOLDERS)} under data.source_dir)')
+  absent = [f + '/' for f in FOLDERS if not os.path.isdir(os.path.join(source_dir, f))]
+  if absent:
+    raise _missing(', '.join(absent), source_dir)
   stems = sorted(f[:-4] for f in os.listdir(os.path.join(source_dir, 'RGB'))
                  if f.endswith('.png'))
   if not stems:
-    raise InputError(f'SYNTHIA: no PNG images in {os.path.join(source_dir, "RGB")}')
+    raise _missing('PNG images in RGB/', source_dir)
   for folder in FOLDERS[1:]:
     present = {f[:-4] for f in os.listdir(os.path.join(source_dir, folder))}
     missing = [s for s in stems if s not in present]

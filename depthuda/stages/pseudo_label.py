@@ -42,7 +42,13 @@ def region_sizes(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
       raise ValueError(f'config.pseudo.min_region_sizes needs {config.data.num_classes} values, '
                        f'got {sizes.size}')
     return sizes
-  return pseudo.min_region_sizes(fit_gmm.pixel_counts(workdir))
+  # The formula's 50..5000 pixels are at the original's 1280x760 input; other inputs scale
+  # with their area, so a region covers the same fraction of the image.
+  w, h = config.data.input_size
+  ref_w, ref_h = config.pseudo.reference_input_size
+  scale = (w * h) / (ref_w * ref_h)
+  sizes = pseudo.min_region_sizes(fit_gmm.pixel_counts(workdir))
+  return np.maximum(1, np.round(sizes * scale)).astype(np.int64)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -93,7 +93,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
   start = int(meta['step'])
 
   if stage == 'adapt':
-    gmm_params = train.replicate(fit_gmm.load_params(workdir), mesh)
+    needs_gmm = config.loss.lambda_bal_src > 0 or config.loss.lambda_bal_tgt > 0
+    gmm_params = train.replicate(fit_gmm.load_params(workdir), mesh) if needs_gmm else None
     step_fn = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                       disc_tx=disc_tx, config=config)
     extra = (gmm_params,)

@@ -1,0 +1,70 @@
+r"""Ablation of the method on the toy benchmark, over several seeds.
+
+  python benchmarks/toy_ablation.py --seeds=0,1,2 --root=runs/ablation
+
+Rows: source-only (adapt with the depth, density and adversarial terms off); + depth and density
+losses (adversarial term off); + adversarial (the full adapt stage); + self-training (the full
+pipeline). Each row's number is the best target-validation mIoU of its last stage, as the
+original keeps the best evaluation. Prints a Markdown table (mean ± std over seeds) and writes it
+with the per-seed numbers to <root>/ablation.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+OFF = {'source_only': ['--config.loss.lambda_depth=0', '--config.loss.lambda_bal_src=0',
+                       '--config.loss.lambda_bal_tgt=0', '--config.loss.lambda_adv=0'],
+       'depth_density': ['--config.loss.lambda_adv=0']}
+ROWS = (('source-only', 'source_only', 'adapt'),
+        ('+ depth and density losses', 'depth_density', 'adapt'),
+        ('+ adversarial (full adapt)', 'full', 'adapt'),
+        ('+ self-training (full pipeline)', 'full', 'eval'))
+
+
+def run(workdir: str, config: str, seed: int, stages: list[str], extra: list[str]) -> None:
+  for stage in stages:
+    cmd = [sys.executable, '-m', 'depthuda.main', f'--config={config}', f'--workdir={workdir}',
+           f'--stage={stage}', f'--config.seed={seed}', *extra]
+    print('$', ' '.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+
+
+def score(workdir: str, stage: str) -> float:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    entry = json.load(f)[stage]
+  return entry['miou'] if stage == 'eval' else entry['best_miou']
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--root', default='runs/ablation')
+  parser.add_argument('--config', default='configs/toy.py')
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  scores = {name: [] for name, _, _ in ROWS}
+  for seed in seeds:
+    base = os.path.join(args.root, f'seed{seed}')
+    run(os.path.join(base, 'full'), args.config, seed, ['all'], [])
+    run(os.path.join(base, 'source_only'), args.config, seed, ['adapt'], OFF['source_only'])
+    run(os.path.join(base, 'depth_density'), args.config, seed, ['fit_gmm', 'adapt'],
+        OFF['depth_density'])
+    for name, variant, stage in ROWS:
+      scores[name].append(score(os.path.join(base, variant), stage))
+  lines = ['| variant | mIoU (mean ± std) | per seed |', '|---|---|---|']
+  for name, values in scores.items():
+    lines.append(f'| {name} | {np.mean(values):.1f} ± {np.std(values):.1f} | '
+                 + ', '.join(f'{v:.1f}' for v in values) + ' |')
+  table = '\n'.join(lines)
+  print(table)
+  with open(os.path.join(args.root, 'ablation.json'), 'w') as f:
+    json.dump({'seeds': seeds, 'scores': scores, 'table': table}, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,278 @@
+r"""Segmentation, depth and density maps for your own images with a trained model.
+
+  python -m depthuda.predict --workdir=runs/toy --input=photos/ --output=predictions/
+  python -m depthuda.predict --checkpoint=pretrained/city --config=configs/synthia_city.py \
+      --input='streets/**/*.jpg' --output=predictions/
+
+`--workdir=DIR` takes the best model of a finished run (self_train's if that stage ran, else
+adapt's) and the config the run saved as DIR/config.json (`--config` overrides it).
+`--checkpoint=PATH` takes a stage folder (DIR/adapt, DIR/self_train), its best/ folder, or a folder
+written by `python -m depthuda.convert`; it needs `--config`.
+
+`--input` is a folder (every image directly in it), an image file or a glob pattern (`**`
+recurses). Each image is resized to `config.data.input_size` as the training input is (bicubic
+with antialiasing, rounded to 8 bits, RGB -> BGR, mean subtracted; PIL's resize here, within one
+gray level of the tf.data pipeline's); the network's outputs are upsampled bilinearly (align
+corners, as in evaluation) back to the image's own size. For an input NAME.EXT the output folder
+receives
+  NAME_classes.png   class ids, 8-bit gray (the format of the pseudo-labels)
+  NAME_seg.png       class colours (the dataset palette)
+  NAME_overlay.png   class colours blended over the image
+  NAME_depth.png     predicted inverse depth, magma colour map (bright = near), per image range
+  NAME_density.png   predicted density score g(p) in [0, 255], viridis, a fixed range
+No TensorFlow: images are read with PIL, the network runs on JAX's default device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import functools
+import glob
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from depthuda import checkpointing
+from depthuda import losses
+from depthuda import reporting
+from depthuda import train
+from depthuda import visualize
+from depthuda.data import labels
+from depthuda.errors import InputError
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
+STAGES_BEST_FIRST = ('self_train', 'adapt')  # The `eval` stage's choice of the best model.
+DENSITY_RANGE = (0.0, 255.0)  # g(p) = 255 (1 - exp(-s p)) (METHOD §4).
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config; with --workdir defaults to DIR/config.json.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run: its best model and config.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'A stage folder (DIR/adapt), its best/ folder, or a converted '
+    'checkpoint folder; needs --config.')
+_INPUT = flags.DEFINE_string('input', None, 'Image folder, image file or glob pattern.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Folder for the PNGs (created if needed).')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
+flags.mark_flags_as_required(['input', 'output'])
+
+
+def config_from_workdir(workdir: str):
+  """The ConfigDict a run saved as DIR/config.json (tuples come back as lists)."""
+  if not os.path.isdir(workdir):
+    raise InputError(f'no such workdir: {workdir}')
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise InputError(f'no config at {path}; pass --config=configs/<experiment>.py')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _abstract_variables(config, seg) -> Any:
+  """Shapes of the segmenter variables, placed on the default device.
+
+  An explicit device keeps Orbax from restoring onto the devices recorded at save time (a
+  checkpoint written on a GPU machine restores on a CPU-only one and vice versa).
+  """
+  width, height = config.data.input_size
+  shapes = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, height, width, 3)), train=False))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
+def _stage_with_best(workdir: str) -> str | None:
+  """DIR/self_train if it holds a best checkpoint, else DIR/adapt if it does, else None."""
+  for stage in STAGES_BEST_FIRST:
+    stage_dir = os.path.join(workdir, stage)
+    # Only open existing stage folders: opening a manager creates its directories.
+    if not os.path.isdir(os.path.join(stage_dir, 'best')):
+      continue
+    stages = checkpointing.StageCheckpoints(stage_dir)
+    found = stages.best_step() is not None
+    stages.close()
+    if found:
+      return stage_dir
+  return None
+
+
+def load_model(config, *, workdir: str | None = None, checkpoint: str | None = None
+               ) -> tuple[Any, Any, str]:
+  """The segmenter, its restored variables and a description of where they came from."""
+  if (workdir is None) == (checkpoint is None):
+    raise InputError('give exactly one of --workdir and --checkpoint')
+  seg, _ = train.build_models(config, axis_name=None)
+  abstract = _abstract_variables(config, seg)
+  if workdir is not None:
+    if not os.path.isdir(workdir):
+      raise InputError(f'no such workdir: {workdir}')
+    stage_dir = _stage_with_best(workdir)
+    if stage_dir is None:
+      raise InputError(f'no trained model in {workdir}: neither {workdir}/self_train/best nor '
+                       f'{workdir}/adapt/best holds a checkpoint (run the adapt stage first)')
+  else:
+    path = checkpoint.rstrip('/')
+    if os.path.isdir(os.path.join(path, 'variables')):
+      return seg, checkpointing.load_variables(path, abstract), path
+    if os.path.basename(path) == 'best' and os.path.isdir(path):
+      path = os.path.dirname(path)
+    if not os.path.isdir(os.path.join(path, 'best')):
+      raise InputError(f'no checkpoint at {checkpoint} (expected DIR/adapt, DIR/self_train, '
+                       f'their best/ folder, or a folder written by depthuda.convert)')
+    stage_dir = path
+  stages = checkpointing.StageCheckpoints(stage_dir)
+  if stages.best_step() is None:
+    raise InputError(f'no best checkpoint in {stage_dir}/best')
+  variables, meta = stages.restore_best(abstract)
+  stages.close()
+  return seg, variables, f'{stage_dir} step {meta["step"]}'
+
+
+def find_images(pattern: str) -> list[pathlib.Path]:
+  """Image files named by a folder, a file or a glob pattern, sorted."""
+  if os.path.isdir(pattern):
+    paths = [p for p in pathlib.Path(pattern).iterdir()
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+  elif os.path.isfile(pattern):
+    paths = [pathlib.Path(pattern)]
+  else:
+    paths = [pathlib.Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+  if not paths:
+    raise InputError(f'no images at --input={pattern} (a folder of {"/".join(IMAGE_SUFFIXES)} '
+                     f'files, an image file or a glob pattern)')
+  paths = sorted(paths)
+  seen: dict[str, pathlib.Path] = {}
+  for path in paths:
+    if path.stem in seen:
+      raise InputError(f'{seen[path.stem]} and {path} would write the same outputs '
+                       f'({path.stem}_*.png); predict them into different folders')
+    seen[path.stem] = path
+  return paths
+
+
+def read_rgb(path: pathlib.Path) -> np.ndarray:
+  """[H, W, 3] uint8 RGB, upright as the camera's EXIF orientation says."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
+  except (UnidentifiedImageError, OSError) as e:
+    raise InputError(f'cannot read image {path}: {e}') from None
+
+
+def preprocess(image_rgb: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
+  """[H, W, 3] uint8 RGB -> float32 [h, w, 3] BGR minus the mean at (w, h) = `input_size`.
+
+  PIL's bicubic resize (antialiased when shrinking, 8-bit output) is the original's; the
+  tf.data pipeline rounds its own bicubic resize to 8 bits to follow it.
+  """
+  width, height = (int(v) for v in input_size)
+  resized = np.asarray(Image.fromarray(image_rgb).resize((width, height),
+                                                         Image.Resampling.BICUBIC))
+  return resized[..., ::-1].astype(np.float32) - labels.MEAN_BGR
+
+
+@functools.lru_cache(maxsize=None)
+def _to_image_size(size: tuple[int, int]):
+  """Jitted: grid outputs of one image -> class ids and maps at `size` (H, W)."""
+
+  def finish(logits, density, depth):
+    up = lambda x: losses.upsample_bilinear(x[None].astype(jnp.float32), size)[0]
+    return (jnp.argmax(up(logits), -1).astype(jnp.uint8), up(density)[..., 0],
+            up(depth)[..., 0])
+
+  return jax.jit(finish)
+
+
+def _batches(paths: Sequence[pathlib.Path], batch_size: int, input_size: Sequence[int]
+             ) -> Iterator[tuple[list[pathlib.Path], list[np.ndarray], np.ndarray]]:
+  """Chunks of (paths, original RGB images, preprocessed batch padded to `batch_size`)."""
+  for start in range(0, len(paths), batch_size):
+    chunk = list(paths[start:start + batch_size])
+    originals = [read_rgb(p) for p in chunk]
+    batch = np.stack([preprocess(image, input_size) for image in originals])
+    if len(chunk) < batch_size:  # One batch shape: no recompilation for the last batch.
+      batch = np.concatenate([batch, np.zeros((batch_size - len(chunk),) + batch.shape[1:],
+                                              batch.dtype)])
+    yield chunk, originals, batch
+
+
+def write_outputs(output_dir: str, name: str, image_rgb: np.ndarray, classes: np.ndarray,
+                  density: np.ndarray, depth: np.ndarray, num_classes: int) -> None:
+  """The five PNGs of one image; every array is [H, W] at the image's size."""
+  out = lambda kind: os.path.join(output_dir, f'{name}_{kind}.png')
+  visualize.save_png(out('classes'), classes)
+  visualize.save_png(out('seg'), visualize.colorize(classes, num_classes))
+  visualize.save_png(out('overlay'), visualize.overlay(image_rgb, classes, 0.5, num_classes))
+  visualize.save_png(out('depth'), visualize.colorize_scalar(depth, cmap='magma'))
+  visualize.save_png(out('density'), visualize.colorize_scalar(density, *DENSITY_RANGE,
+                                                               cmap='viridis'))
+
+
+def predict_images(config, seg, variables, paths: Sequence[pathlib.Path], output_dir: str,
+                   batch_size: int = 8, desc: str = 'predict') -> None:
+  """Runs the segmenter over `paths` in batches and writes five PNGs per image."""
+  if batch_size < 1:
+    raise InputError(f'--batch_size must be positive, got {batch_size}')
+  if not paths:
+    raise InputError('no images to predict')
+  os.makedirs(output_dir, exist_ok=True)
+  forward = train.predict_fn(seg)
+  batch_size = min(batch_size, len(paths))
+  num_classes = config.data.num_classes
+  bar = reporting.progress(total=len(paths), desc=desc, unit='img')
+
+  def finish(chunk, originals, outputs):
+    for i, (path, image) in enumerate(zip(chunk, originals)):
+      grid = [x[i] for x in outputs]
+      classes, density, depth = jax.device_get(_to_image_size(image.shape[:2])(*grid))
+      write_outputs(output_dir, path.stem, image, classes, density, depth, num_classes)
+      bar.update()
+
+  pending = None
+  for chunk, originals, batch in _batches(paths, batch_size, config.data.input_size):
+    outputs = forward(variables, batch)  # Dispatched asynchronously: overlaps the writing below.
+    if pending is not None:
+      finish(*pending)
+    pending = (chunk, originals, outputs)
+  finish(*pending)
+  bar.close()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it opens at INFO.
+  try:
+    config = _CONFIG.value
+    if _WORKDIR.value is None and _CHECKPOINT.value is None:
+      raise InputError('give --workdir=DIR (a training run) or --checkpoint=PATH')
+    if config is None:
+      if _WORKDIR.value is None:
+        raise InputError('--checkpoint needs --config=configs/<experiment>.py')
+      config = config_from_workdir(_WORKDIR.value)
+    paths = find_images(_INPUT.value)
+    seg, variables, source = load_model(config, workdir=_WORKDIR.value,
+                                        checkpoint=_CHECKPOINT.value)
+    predict_images(config, seg, variables, paths, _OUTPUT.value, _BATCH_SIZE.value,
+                   desc=f'predict ({source})')
+  except (InputError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    print(f'depthuda: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f'depthuda: wrote {5 * len(paths)} PNGs for {len(paths)} images to {_OUTPUT.value}',
+        file=sys.stderr)
+
+
+if __name__ == '__main__':
+  app.run(main)

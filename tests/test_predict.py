@@ -1,0 +1,187 @@
+"""depthuda.predict: checkpoint lookup, preprocessing, and the PNGs it writes for any image size."""
+
+import io
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import test as test_config
+from depthuda import checkpointing
+from depthuda import losses
+from depthuda import predict
+from depthuda import train
+from depthuda import visualize
+
+KINDS = ('classes', 'seg', 'overlay', 'depth', 'density')
+SIZES = {'wide': (50, 30), 'odd': (97, 61), 'portrait': (33, 80)}  # (W, H)
+SKY = 4  # A class of the 7-class palette.
+
+
+def _save_run(workdir: pathlib.Path, config, variables, stage: str = 'adapt') -> None:
+  """A workdir as `depthuda.main` leaves it: config.json and a stage's best checkpoint."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  stages = checkpointing.StageCheckpoints(str(workdir / stage))
+  stages.save_best(3, variables, {'step': 3, 'miou': 1.0})
+  stages.close()
+
+
+def _constant_heads(variables):
+  """Variables whose outputs ignore the image: class SKY, density 100, inverse depth 2."""
+  params = jax.tree.map(np.array, variables['params'])
+  for conv in params['classifier'].values():
+    conv['kernel'][:] = 0.0
+    conv['bias'][:] = 0.0
+  params['classifier']['conv0']['bias'][SKY] = 10.0
+  for head, value in (('density_head', 100.0), ('depth_head', 2.0)):
+    params[head]['conv3']['kernel'][:] = 0.0
+    params[head]['conv3']['bias'][:] = value
+  return {'params': params, 'batch_stats': variables['batch_stats']}
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('predict')
+  config = test_config.get_config()
+  seg, _ = train.build_models(config, axis_name=None)
+  w, h = config.data.input_size
+  variables = jax.jit(lambda k: seg.init(k, jnp.zeros((1, h, w, 3)), train=False))(
+      jax.random.PRNGKey(0))
+  _save_run(root / 'run', config, variables)
+  _save_run(root / 'constant', config, _constant_heads(variables), stage='self_train')
+  images = root / 'images'
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for name, (width, height) in SIZES.items():
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if name == 'odd':
+      image.convert('RGBA').save(images / f'{name}.png')
+    elif name == 'portrait':
+      image.convert('L').save(images / f'{name}.jpg')
+    else:
+      image.save(images / f'{name}.png')
+  (images / 'notes.txt').write_text('not an image')
+  return root, config
+
+
+def _read(path) -> np.ndarray:
+  return np.asarray(Image.open(path).convert('RGB'))
+
+
+def test_find_images_folder_glob_and_errors(setup, tmp_path):
+  root, _ = setup
+  assert [p.name for p in predict.find_images(str(root / 'images'))] == [
+      'odd.png', 'portrait.jpg', 'wide.png']
+  assert [p.name for p in predict.find_images(str(root / 'images' / '*.png'))] == [
+      'odd.png', 'wide.png']
+  with pytest.raises(predict.InputError, match='no images'):
+    predict.find_images(str(tmp_path / 'nothing*.png'))
+  (tmp_path / 'a.png').write_bytes(b'')
+  (tmp_path / 'a.jpg').write_bytes(b'')
+  with pytest.raises(predict.InputError, match='same outputs'):
+    predict.find_images(str(tmp_path))
+
+
+def test_preprocess_matches_input_pipeline():
+  import tensorflow as tf
+  from depthuda.data import pipeline
+  rng = np.random.default_rng(1)
+  image = np.asarray(Image.fromarray(rng.integers(0, 256, (61, 97, 3), dtype=np.uint8))
+                     .resize((194, 122), Image.Resampling.BILINEAR))
+  png = io.BytesIO()
+  Image.fromarray(image).save(png, format='PNG')
+  expected = pipeline.decode_image(tf.constant(png.getvalue()), (64, 40)).numpy()
+  got = predict.preprocess(image, (64, 40))
+  assert got.shape == expected.shape == (40, 64, 3) and got.dtype == np.float32
+  # Both are bicubic with antialiasing rounded to 8 bits; PIL and TF differ by <= 1 level.
+  assert np.abs(got - expected).max() <= 1.0
+  assert np.abs(got - expected).mean() < 0.5
+
+
+def test_predict_writes_every_map_at_the_input_size(setup, tmp_path):
+  root, config = setup
+  seg, variables, source = predict.load_model(config, workdir=str(root / 'run'))
+  assert source.endswith('adapt step 3')
+  paths = predict.find_images(str(root / 'images'))
+  predict.predict_images(config, seg, variables, paths, str(tmp_path), batch_size=2)
+  assert sorted(os.listdir(tmp_path)) == sorted(f'{n}_{k}.png' for n in SIZES for k in KINDS)
+  table = visualize.palette(config.data.num_classes)
+  for name, (width, height) in SIZES.items():
+    for kind in KINDS:
+      assert Image.open(tmp_path / f'{name}_{kind}.png').size == (width, height), (name, kind)
+    classes = np.asarray(Image.open(tmp_path / f'{name}_classes.png'))
+    assert classes.max() < config.data.num_classes
+    colours = _read(tmp_path / f'{name}_seg.png')
+    np.testing.assert_array_equal(colours, table[classes])
+    original = np.asarray(Image.open(next(p for p in paths if p.stem == name)).convert('RGB'))
+    np.testing.assert_array_equal(_read(tmp_path / f'{name}_overlay.png'),
+                                  visualize.overlay(original, classes, 0.5, 7))
+  # The classes are the model's own: logits at the input size, upsampled to the image, argmax.
+  original = np.asarray(Image.open(root / 'images' / 'odd.png').convert('RGB'))
+  logits, _, _ = seg.apply(variables, predict.preprocess(original, config.data.input_size)[None],
+                           train=False)
+  expected = np.asarray(losses.upsample_bilinear(logits, original.shape[:2])[0].argmax(-1))
+  classes = np.asarray(Image.open(tmp_path / 'odd_classes.png'))
+  assert (classes == expected).mean() > 0.999
+
+
+def test_rendered_pngs_of_a_known_model(setup, tmp_path):
+  root, config = setup
+  seg, variables, source = predict.load_model(config, workdir=str(root / 'constant'))
+  assert 'self_train step 3' in source
+  path = root / 'images' / 'wide.png'
+  predict.predict_images(config, seg, variables, [path], str(tmp_path))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'wide_classes.png')), SKY)
+  seg_png = _read(tmp_path / 'wide_seg.png')
+  assert np.all(seg_png == (70, 130, 180))  # Cityscapes' sky.
+  original = np.asarray(Image.open(path).convert('RGB')).astype(float)
+  np.testing.assert_allclose(_read(tmp_path / 'wide_overlay.png'),
+                             np.round((original + (70, 130, 180)) / 2), atol=0.5)
+  density = _read(tmp_path / 'wide_density.png')
+  colour = visualize.colorize_scalar(np.full((1, 1), 100.0), 0.0, 255.0, cmap='viridis')[0, 0]
+  assert np.all(density == colour)
+
+
+def _cli(*args, cwd):
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  return subprocess.run([sys.executable, '-m', 'depthuda.predict', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_missing_model_is_a_clear_error_and_creates_nothing(setup, tmp_path):
+  _, config = setup
+  with pytest.raises(predict.InputError, match='no trained model'):
+    predict.load_model(config, workdir=str(tmp_path))
+  with pytest.raises(predict.InputError, match='no checkpoint at'):
+    predict.load_model(config, checkpoint=str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_command_line_and_one_line_errors(setup, tmp_path):
+  root, _ = setup
+  run = _cli(f'--workdir={root / "constant"}', f'--input={root / "images" / "w*.png"}',
+             f'--output={tmp_path / "out"}', cwd=tmp_path)
+  assert run.returncode == 0, run.stderr
+  assert sorted(os.listdir(tmp_path / 'out')) == [f'wide_{k}.png' for k in sorted(KINDS)]
+  run = _cli(f'--workdir={root / "run"}', f'--input={tmp_path / "none"}',
+             f'--output={tmp_path / "x"}', cwd=tmp_path)
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1].startswith('depthuda: error: no images')
+  assert 'Traceback' not in run.stderr
+
+
+def test_checkpoint_paths_stage_best_and_converted(setup, tmp_path):
+  root, config = setup
+  _, reference, _ = predict.load_model(config, workdir=str(root / 'run'))
+  checkpointing.save_variables(str(tmp_path), reference)
+  for path in (root / 'run' / 'adapt', root / 'run' / 'adapt' / 'best', tmp_path):
+    _, variables, _ = predict.load_model(config, checkpoint=str(path))
+    jax.tree.map(np.testing.assert_array_equal, variables, reference)
