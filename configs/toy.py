@@ -22,6 +22,7 @@ def get_config():
   c.model.layers = (1, 1, 1, 1)
   c.model.width = 16
   c.model.disc_ndf = 16
+  c.model.head_init = 'he'  # Trained from scratch: see BUILD_NOTES.md.
 
   c.data.toy = True
   c.data.cache_decoded = True

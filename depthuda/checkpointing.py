@@ -1,52 +1,138 @@
 """Orbax checkpoints of a training stage: the latest N for resuming, the best for evaluation.
 
 `<stage>/checkpoints/<step>/` holds the whole `TrainState` (both networks, BN statistics, both
-optimizer states, step, RNG) and a JSON `meta` (the data position is the step itself: the input
-order is a deterministic function of seed and step; best-model tracking). `<stage>/best/` holds
-the segmenter variables of the best evaluation. Saves are asynchronous; `close()` waits.
+optimizer states, step, RNG) and a JSON `meta`: the step, which is also the data position (the
+input order is a deterministic function of seed and step), and the best-model tracking
+(`best_miou`, `best_step`). `<stage>/best/<step>/` holds the segmenter variables of the best
+evaluation. Latest checkpoints are saved asynchronously (`close()` waits); best ones
+synchronously, so a checkpoint's `best_step` always names a finished best checkpoint, and a
+best checkpoint is deleted only once no checkpoint that a rerun could resume from names it.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a run killed
+during a save leaves the previous checkpoints untouched and only a temporary directory behind;
+a resuming run (`resume=True`) removes it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from depthuda.errors import InputError
+from depthuda.errors import write_failure
+
+_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+def _remove_unfinished(directory: str) -> None:
+  """Deletes the temporary directories of saves that a killed run did not finish."""
+  if not os.path.isdir(directory) or jax.process_index() != 0:
+    return
+  for name in os.listdir(directory):
+    if _TMP_MARK in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 class StageCheckpoints:
-  """The checkpoints of one stage (`adapt` or `self_train`) under `directory`."""
+  """The checkpoints of one stage (`adapt` or `self_train`) under `directory`.
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  resume: True for the run that trains the stage; it cleans up after a killed save. Readers
+  (evaluation, prediction) leave it False, so they never touch a save in progress.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               resume: bool = False):
     directory = os.path.abspath(directory)
+    self.directory = directory
+    if resume:
+      for sub in ('checkpoints', 'best'):
+        _remove_unfinished(os.path.join(directory, sub))
     self._latest = ocp.CheckpointManager(
         os.path.join(directory, 'checkpoints'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
     self._best = ocp.CheckpointManager(
         os.path.join(directory, 'best'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             enable_async_checkpointing=async_save))
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+    self._resumable_best = None  # best_step of the newest finished checkpoint
+
+  def _writing(self, what: str, call, *args, **kwargs):
+    """Runs an Orbax call; a failed write (full or read-only disk) becomes an InputError."""
+    try:
+      return call(*args, **kwargs)
+    except (OSError, ValueError) as e:
+      failure = write_failure(os.path.join(self.directory, what), e)
+      if failure is None:
+        raise
+      raise failure from None
 
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 
   def save(self, step: int, state: Any, meta: dict, force: bool = False) -> None:
-    self._latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts an asynchronous save of `state` and `meta` (which holds `best_step`)."""
+    self._writing('checkpoints', self._latest.save, step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    # Orbax finished the previous save before starting this one: a rerun resumes from that
+    # checkpoint at the earliest, so bests older than the one it names can go.
+    self._delete_best_before(self._resumable_best)
+    self._resumable_best = int(meta['best_step'])
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores onto the shardings of `abstract_state` (a state or its `jax.eval_shape`)."""
-    step = self._latest.latest_step() if step is None else step
+  def _delete_best_before(self, step: int | None) -> None:
+    for best in self._best.all_steps():
+      if step is not None and best < step:
+        self._best.delete(best)
+
+  def restore(self, abstract_state: Any) -> tuple[Any, dict]:
+    """The latest checkpoint that restores, onto the shardings of `abstract_state`.
+
+    A checkpoint that cannot be read is deleted with a warning and the one before it is tried
+    (its successors would otherwise clash with the steps the resumed run saves). If none can
+    be read, an InputError: the checkpoints belong to a different configuration.
+    """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    out = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return out['state'], out['meta']
+    steps = sorted(self._latest.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        out = self._latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      except (ValueError, KeyError, TypeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if i == len(steps) - 1:
+          raise InputError(
+              f'cannot restore {self.directory}/checkpoints/{step} ({reason[:300]}); it was '
+              'written with another configuration: rerun with that one or another --workdir'
+          ) from None
+        logging.warning('checkpoint %s/checkpoints/%d is unreadable (%s); trying the one before',
+                        self.directory, step, reason[:300])
+        continue
+      for newer in steps[:i]:
+        self._latest.delete(newer)
+      meta = out['meta']
+      self.discard_best_after(step)
+      if meta['best_step'] >= 0 and meta['best_step'] not in self._best.all_steps():
+        logging.warning('the best checkpoint of step %d is gone; the next evaluation saves one',
+                        meta['best_step'])
+        meta.update(best_step=-1, best_miou=-1.0)
+      self._resumable_best = int(meta['best_step'])
+      return out['state'], meta
+    raise FileNotFoundError(f'no checkpoint in {self.directory}/checkpoints')
 
   def save_best(self, step: int, variables: Any, meta: dict) -> None:
-    self._best.save(step, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
-                                                  meta=ocp.args.JsonSave(meta)), force=True)
+    self._writing('best', self._best.save, step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def discard_best_after(self, step: int) -> None:
+    """Deletes best checkpoints newer than `step`: a cut-off run saved them after the
+    checkpoint that is resumed (step 0: a fresh start), and the resumed run saves them again."""
+    for best in self._best.all_steps():
+      if best > step:
+        self._best.delete(best)
 
   def best_step(self) -> int | None:
     return self._best.latest_step()
@@ -68,13 +154,16 @@ class StageCheckpoints:
     return self._best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self) -> None:
-    self._latest.wait_until_finished()
+    self._writing('checkpoints', self._latest.wait_until_finished)
     self._best.wait_until_finished()
 
   def close(self) -> None:
-    self.wait()
-    self._latest.close()
-    self._best.close()
+    try:
+      self.wait()
+      self._delete_best_before(self._resumable_best)
+    finally:
+      self._latest.close()
+      self._best.close()
 
 
 def save_variables(directory: str, variables: Any) -> None:

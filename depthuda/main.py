@@ -10,15 +10,24 @@ Most used config fields: batch_size, seed, init_from, data.source_dir, data.targ
 adapt.num_steps, self_train.num_steps, loss.lambda_{seg,depth,bal_src,bal_tgt,adv},
 model.bn_mode, compute_dtype, checkpoint_every_steps, log_every_steps, eval_every_steps.
 Outputs: DIR/results.json, DIR/<stage>/metrics.jsonl, DIR/eval/*.png, TensorBoard in DIR/*/tb.
+
+Exit status: 0 done; 1 bad input (data, files, settings), with a one-line message naming the
+culprit; 2 a bad command line or config file; 128 + N stopped by signal N (SIGTERM: 143,
+Ctrl-C: 130), after saving a checkpoint.
 """
 
 import os
+import re
+import signal
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from depthuda.errors import InputError
+from depthuda.errors import Interrupted
 
 _STAGES = ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval')
 
@@ -34,6 +43,98 @@ _MULTIHOST = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _fail(message: str, status: int) -> None:
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  message = lines[0] if len(lines) < 3 else f'{lines[0]} {lines[-1]}'  # a traceback's last line
+  print(f'depthuda: error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every error on one line (a mistyped --config.<field> included)."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.get('seed')  # Loads the config file now, so that a missing one fails here.
+    return rest
+  except flags.Error as e:
+    _fail(str(e), 2)
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    if not overrides:
+      _fail(f'--config={_config_file(argv)}: {e}', 2)
+    typo = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e))
+    key = typo.group(2) if typo else re.search(r'\w+', str(e)).group(0)
+    culprit = next((a for a in overrides if key in a.split('.')), overrides[0])
+    _fail(f'{culprit}: no such config field' + (f' (did you mean {typo.group(1)}?)' if typo
+                                                 else ''), 2)
+  except Exception as e:  # pylint: disable=broad-except  # Whatever the config file raised.
+    _fail(f'--config={_config_file(argv)}: {str(e).strip().splitlines()[-1].strip()}', 2)
+
+
+def _config_file(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return '?'
+
+
+def _raise_interrupted(signum, frame):
+  del frame
+  raise Interrupted(f'stopped by {signal.Signals(signum).name}', signum)
+
+
+class _NoLibraryTracebacks(logging.logging.Filter):
+  """Drops errors that Orbax logs with a traceback from its saving thread: the same error is
+  raised again where depthuda waits for the save, and reported there in one line."""
+
+  def filter(self, record):
+    return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
+  for sig in (signal.SIGTERM, signal.SIGINT):  # Stages that checkpoint replace these.
+    signal.signal(sig, _raise_interrupted)
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ notes and warnings
+  try:
+    import jax  # After flag parsing, so --help is fast.
+    if _MULTIHOST.value:
+      _initialize_distributed(jax)
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')  # The input pipeline must not take GPU memory.
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()  # One-off dataset preparation; our own bars show the stages.
+    from depthuda import stages
+    from depthuda import reporting
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      reporting.write_text(os.path.join(workdir, 'config.json'),
+                           config.to_json_best_effort(indent=2, sort_keys=True))
+    except OSError as e:
+      raise InputError(f'--workdir={workdir} is not writable ({e.strerror or e})') from None
+    for stage in (_STAGES if _STAGE.value == 'all' else (_STAGE.value,)):
+      stages.run(stage, config, workdir)
+  except Interrupted as e:
+    print(f'depthuda: {e}', file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except InputError as e:
+    _fail(str(e), 1)
+  except OSError as e:
+    _fail(f'{e.strerror}: {e.filename}' if e.strerror and e.filename else str(e), 1)
+  if reporting.is_writer() and _STAGE.value in ('all', 'eval'):
+    from depthuda import evaluate
+    results = reporting.read_results(workdir)
+    if 'eval' in results:
+      print(evaluate.format_table(results['eval']))
+
+
 def _initialize_distributed(jax) -> None:
   kwargs = {}
   if 'JAX_COORDINATOR_ADDRESS' in os.environ:
@@ -45,45 +146,5 @@ def _initialize_distributed(jax) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  import jax  # After flag parsing, so --help is fast.
-  if _MULTIHOST.value:
-    _initialize_distributed(jax)
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')  # The input pipeline must not take GPU memory.
-  import tensorflow_datasets as tfds
-  tfds.disable_progress_bar()  # One-off dataset preparation; our own bars show the stages.
-  from depthuda import stages
-  from depthuda import reporting
-  from depthuda.errors import InputError
-  from depthuda.stages import training
-
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  logging.set_verbosity(logging.WARNING)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    if reporting.is_writer():
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    for stage in (_STAGES if _STAGE.value == 'all' else (_STAGE.value,)):
-      stages.run(stage, config, workdir)
-  except training.Interrupted as e:
-    print(f'depthuda: {e}', file=sys.stderr)
-    sys.exit(130)
-  except (InputError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-    print(f'depthuda: error: {e}', file=sys.stderr)
-    sys.exit(1)
-  except OSError as e:
-    print(f'depthuda: error: {e.strerror or e}: {e.filename or ""}'.rstrip(': '), file=sys.stderr)
-    sys.exit(1)
-  if reporting.is_writer() and _STAGE.value in ('all', 'eval'):
-    from depthuda import evaluate
-    results = reporting.read_results(workdir)
-    if 'eval' in results:
-      print(evaluate.format_table(results['eval']))
-
-
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,7 +1,8 @@
 """What a stage reports: metrics.jsonl, TensorBoard events, results.json and a progress bar.
 
-Only process 0 writes. `metrics.jsonl` is truncated to the resumed step on restart, so a
-resumed run's file equals an uninterrupted run's line for line.
+Only process 0 writes. On restart `metrics.jsonl` is cut back to the resumed checkpoint's step
+(dropping what a killed run logged after it, including a half-written last line), so a resumed
+run's file equals an uninterrupted run's line for line. Non-finite values are written as null.
 """
 
 from __future__ import annotations
@@ -33,15 +34,26 @@ def _to_python(value: Any) -> Any:
   return value
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (temp file + rename), process 0 only."""
+def write_text(path: str, text: str) -> None:
+  """Atomic write (temp file + rename), process 0 only: a crash or a full disk leaves the
+  previous file intact."""
   if not is_writer():
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(_to_python(obj), f, indent=2)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write, process 0 only."""
+  write_text(path, json.dumps(_to_python(obj), indent=2))
 
 
 def read_results(workdir: str) -> dict:
@@ -73,23 +85,25 @@ class MetricsLog:
       self._writer = metric_writers.SummaryWriter(os.path.join(stage_dir, 'tb'))
 
   def _truncate(self, start_step: int) -> None:
-    """Drops lines of steps >= start_step (written before a crash, replayed after resume)."""
+    """Keeps the lines of steps <= start_step: the resumed checkpoint was saved after logging
+    its step, and later lines are logged again by the resumed run."""
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['step'] < start_step]
+      kept = [line for line in f if _step(line) is not None and _step(line) <= start_step]
     with open(self.path + '.tmp', 'w') as f:
-      f.writelines(kept)
+      f.writelines(line.rstrip('\n') + '\n' for line in kept)
     os.replace(self.path + '.tmp', self.path)
 
   def scalars(self, step: int, values: dict[str, Any]) -> None:
     if not is_writer():
       return
     values = {k: float(v) for k, v in _to_python(values).items()}
+    record = {k: v if math.isfinite(v) else None for k, v in values.items()}
     with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **values}, sort_keys=True) + '\n')
+      f.write(json.dumps({'step': int(step), **record}, sort_keys=True) + '\n')
     if self._writer is not None:
-      self._writer.write_scalars(int(step), values)
+      self._writer.write_scalars(int(step), {k: v for k, v in record.items() if v is not None})
 
   def images(self, step: int, images: dict[str, np.ndarray]) -> None:
     if is_writer() and self._writer is not None:
@@ -102,11 +116,19 @@ class MetricsLog:
       self._writer.close()
 
 
+def _step(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a blank or half-written one."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def read_metrics(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if _step(line) is not None]
 
 
 def progress(iterable: Iterable | None = None, total: int | None = None, initial: int = 0,
@@ -117,10 +139,11 @@ def progress(iterable: Iterable | None = None, total: int | None = None, initial
                    mininterval=1.0, smoothing=0.1)
 
 
-def check_finite(step: int, metrics: dict[str, Any]) -> str | None:
-  """The name of the first non-finite loss term, or None."""
-  for name, value in metrics.items():
-    if name.startswith('loss') and not math.isfinite(float(value)):
+def first_nonfinite(metrics: dict[str, Any]) -> str | None:
+  """The name of the first non-finite loss term (the terms before their weighted sum), or None."""
+  names = sorted(n for n in metrics if n.startswith('loss_')) + ['loss']
+  for name in names:
+    if name in metrics and not math.isfinite(float(metrics[name])):
       return name
   return None
 

@@ -75,7 +75,8 @@ def build_models(config: ml_collections.ConfigDict, axis_name: str | None = AXIS
   seg = models.DeepLabV2Depth(
       num_classes=config.data.num_classes, layers=tuple(config.model.layers),
       width=config.model.width, bn_mode=config.model.bn_mode,
-      bn_axis_name=axis_name if config.model.bn_sync else None, dtype=dtype)
+      bn_axis_name=axis_name if config.model.bn_sync else None, dtype=dtype,
+      head_init=config.model.head_init)
   disc = models.Discriminator(ndf=config.model.disc_ndf)
   return seg, disc
 
@@ -109,6 +110,22 @@ def _forward(seg: nn.Module, params, batch_stats, images, train_bn: bool):
     outputs, updates = seg.apply(variables, images, train=True, mutable=['batch_stats'])
     return outputs, updates['batch_stats']
   return seg.apply(variables, images, train=True), batch_stats
+
+
+def _guard_nonfinite(config: ml_collections.ConfigDict, state: TrainState,
+                     new_state: TrainState, metrics: dict, grads: Any
+                     ) -> tuple[TrainState, jax.Array]:
+  """(state after the step, 1.0 if a loss or gradient was not finite else 0.0).
+
+  With config.nonfinite == 'skip' such a step changes nothing but the step count (so the data
+  position still advances); otherwise ('stop') the caller stops the run.
+  """
+  values = [v for k, v in metrics.items() if k.startswith('loss')]
+  finite = jnp.all(jnp.isfinite(jnp.stack(values))) & jnp.isfinite(optax.tree.norm(grads))
+  if config.nonfinite == 'skip':
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = new_state.replace(step=state.step + 1)
+  return new_state, 1.0 - finite.astype(jnp.float32)
 
 
 def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | None, *,
@@ -201,11 +218,13 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
 
   metrics['lr'] = poly_schedule(config.optim.lr, config.optim.poly_power,
                                 config.optim.poly_horizon)(state.step)
-  if axis_name is not None:
-    metrics = jax.lax.pmean(metrics, axis_name)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state, disc_params=disc_params,
                             disc_opt_state=disc_opt_state)
+  grads = (grads, d_grads) if use_disc else grads
+  new_state, metrics['nonfinite'] = _guard_nonfinite(config, state, new_state, metrics, grads)
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
   return new_state, metrics
 
 
@@ -228,10 +247,12 @@ def self_train_step(state: TrainState, batch: dict, *, seg: nn.Module, seg_tx,
   metrics = {'loss_seg': loss, 'loss': loss,
              'lr': poly_schedule(config.optim.lr, config.optim.poly_power,
                                  config.optim.poly_horizon)(state.step)}
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=new_stats, opt_state=opt_state)
+  new_state, metrics['nonfinite'] = _guard_nonfinite(config, state, new_state, metrics, grads)
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
-  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       batch_stats=new_stats, opt_state=opt_state), metrics
+  return new_state, metrics
 
 
 def make_mesh(devices=None) -> Mesh:

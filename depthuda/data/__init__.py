@@ -1,5 +1,5 @@
-"""Datasets: label spaces, the procedural toy, TFDS builders and tf.data input.
+"""Datasets: label spaces, the procedural toy, dataset readers and tf.data input.
 
-`labels` and `toy` are NumPy-only; `synthia`, `cityscapes` and `pipeline`
-import TensorFlow and are used only by the stages.
+`labels`, `toy`, `toy_scene` and `mapillary` need only NumPy and PIL; `synthia`,
+`cityscapes` and `pipeline` import TensorFlow and are used only by the stages.
 """

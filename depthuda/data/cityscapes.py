@@ -26,12 +26,30 @@ def _image_counts(images_zip: str) -> dict[str, int]:
   pattern = re.compile(r'leftImg8bit/(train|val|test)/[^/]+/[^/]+_leftImg8bit\.png$')
   counts = {split: 0 for split in SPLITS}
   folders = {folder: split for split, folder in SPLITS.items()}
-  with zipfile.ZipFile(images_zip) as archive:
-    for name in archive.namelist():
-      match = pattern.match(name)
-      if match:
-        counts[folders[match.group(1)]] += 1
+  for name in _names(images_zip):
+    match = pattern.match(name)
+    if match:
+      counts[folders[match.group(1)]] += 1
   return counts
+
+
+def _names(path: str) -> list[str]:
+  try:
+    with zipfile.ZipFile(path) as archive:
+      return archive.namelist()
+  except (OSError, zipfile.BadZipFile) as e:
+    raise InputError(f'Cityscapes: cannot read {path} ({e})') from None
+
+
+def _check_labels(images_zip: str, labels_zip: str) -> None:
+  """Every train and val image has its labelIds file (TFDS's builder would fail obscurely)."""
+  labels = set(_names(labels_zip))
+  pattern = re.compile(r'leftImg8bit/(train|val)/([^/]+/[^/]+)_leftImg8bit\.png$')
+  for name in _names(images_zip):
+    match = pattern.match(name)
+    if match and f'gtFine/{match[1]}/{match[2]}_gtFine_labelIds.png' not in labels:
+      raise InputError(f'Cityscapes: {name} in {images_zip} has no label '
+                       f'gtFine/{match[1]}/{match[2]}_gtFine_labelIds.png in {labels_zip}')
 
 
 def prepare(target_dir: str, tfds_dir: str) -> tfds.core.DatasetBuilder:
@@ -46,14 +64,19 @@ def prepare(target_dir: str, tfds_dir: str) -> tfds.core.DatasetBuilder:
     raise InputError(f'Cityscapes: {" and ".join(missing)} not found in data.target_dir='
                      f'{os.path.abspath(target_dir)}; download them from '
                      'https://www.cityscapes-dataset.com (free registration) into that folder')
+  expected = _image_counts(paths[0])
+  for split in ('train', 'validation'):
+    if not expected[split]:
+      raise InputError(f'Cityscapes: no {SPLITS[split]} images (leftImg8bit/{SPLITS[split]}/) '
+                       f'in {paths[0]}')
   builder = tfds.builder('cityscapes/semantic_segmentation', data_dir=tfds_dir)
   if not builder.is_prepared():
+    _check_labels(*paths)
     scratch = os.path.join(tfds_dir, 'downloads', 'cityscapes_extracted')
     shutil.rmtree(scratch, ignore_errors=True)  # a cut-off run's partial extraction
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=target_dir, extract_dir=scratch, try_download_gcs=False))
     shutil.rmtree(scratch, ignore_errors=True)
-  expected = _image_counts(paths[0])
   prepared = {split: builder.info.splits[split].num_examples for split in SPLITS}
   if prepared != expected:
     raise InputError(f'{builder.data_dir} holds Cityscapes splits of sizes {prepared} but '

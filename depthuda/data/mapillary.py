@@ -39,7 +39,7 @@ from depthuda.errors import InputError
 
 DOWNLOAD = ('download Mapillary Vistas v1.2 from https://www.mapillary.com/dataset/vistas and '
             'unpack it there (training/images, validation/images, validation/labels)')
-# Split -> candidate folders (the official name first) and whether it has labels.
+# Split -> candidate folders, the official name first; list files that choose the images.
 _FOLDERS = {'train': ('training', 'train'), 'selftrain': ('training', 'train'),
             'validation': ('validation',), 'test': ('testing',)}
 _LISTS = {'train': 'train_list.txt', 'selftrain': 'selftrain_list.txt'}

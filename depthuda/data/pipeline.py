@@ -28,6 +28,7 @@ import dataclasses
 import fcntl
 import functools
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -248,13 +249,84 @@ def decode_inverse_depth(png: tf.Tensor, size) -> tf.Tensor:
   return 65536.0 / (tf.cast(raw[..., 0], tf.float32) + 1.0)
 
 
+def _text(value) -> str:
+  value = value.numpy() if hasattr(value, 'numpy') else value
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _example_file(config: ml_collections.ConfigDict, example: dict, key: str | None,
+                  finish_dir: str | None = None) -> str:
+  """The file that feature `key` of `example` was read from, for error messages (key None:
+  the file that `finish` reads from `finish_dir`, else the example as a whole)."""
+  name = _text(example['name'] if 'name' in example else example['image_id'])
+  if key is None and finish_dir:
+    return os.path.join(finish_dir, name + '.png')
+  if 'depth' in example:  # SYNTHIA
+    folder = {'image': 'RGB', 'label': 'parsed_LABELS', 'depth': 'Depth'}.get(key, '*')
+    return os.path.join(config.data.source_dir, folder, name + '.png')
+  if 'image_left' in example:  # Cityscapes, read from its zips
+    images_zip, labels_zip = (os.path.join(config.data.target_dir, z) for z in cityscapes.ZIPS)
+    if key == 'segmentation_label':
+      return f'{name}_gtFine_labelIds.png in {labels_zip}'
+    return f'{name}_leftImg8bit.png in {images_zip}'
+  return _text(example[key]) if key else name  # examples that are file paths
+
+
+def _tf_message(error: Exception) -> str:
+  """The first line of a TensorFlow error, without its op and function decorations."""
+  message = str(getattr(error, 'message', error)).strip().splitlines()[0]
+  message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message)
+  return re.sub(r'\s*\[(Op:|\[).*$', '', message)
+
+
+def _find_bad_file(examples: tf.data.Dataset, decode: Callable,
+                   file_of: Callable[[dict, str | None], str]) -> str | None:
+  """Decodes `examples` one at a time until one fails; names its file and the error."""
+  for example in examples:
+    try:
+      decode(example)
+      continue
+    except (tf.errors.OpError, InputError) as e:
+      error = _tf_message(e)
+    for key, value in example.items():
+      if value.dtype != tf.string or key in ('name', 'image_id'):
+        continue
+      raw = value.numpy()
+      path = raw.decode('utf-8', 'replace') if len(raw) < 4096 else ''
+      try:
+        tf.io.decode_image(tf.io.read_file(path) if os.path.isfile(path) else value,
+                           expand_animations=False)
+      except tf.errors.OpError as e:
+        return f'{file_of(example, key)}: cannot decode the image ({_tf_message(e)})'
+    return f'{file_of(example, None)}: {error}'
+  return None
+
+
+def _named_errors(batches: Iterator[dict], examples: tf.data.Dataset, decode: Callable,
+                  file_of: Callable[[dict, str | None], str]) -> Iterator[dict]:
+  """`batches`, with a decoding failure inside tf.data raised as an InputError naming the file.
+
+  tf.data's error does not say which example failed: after one, the examples are decoded
+  again one at a time until it recurs (only a failing run pays for the search).
+  """
+  try:
+    yield from batches
+  except tf.errors.OpError as e:
+    found = _find_bad_file(examples, decode, file_of)
+    raise InputError(found or f'cannot read the data: {_tf_message(e)}') from None
+
+
 def _epoch_seed(seed: int, stream: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, stream, epoch]).generate_state(1)[0])
 
 
 def _train_stream(config: ml_collections.ConfigDict, examples: _Examples, decode: Callable,
-                  stream: int, start_step: int, finish: Callable | None = None) -> Iterator[dict]:
-  """Endless epoch-wise shuffled batches of decode(example) (then finish(...), per epoch)."""
+                  stream: int, start_step: int, finish: Callable | None = None,
+                  finish_dir: str | None = None) -> Iterator[dict]:
+  """Endless epoch-wise shuffled batches of decode(example) (then finish(...), per epoch).
+
+  finish_dir: where `finish` reads files, to name them in errors.
+  """
   batch = _batch_per_process(config)
   steps_per_epoch = examples.num_examples // batch
   if steps_per_epoch == 0:
@@ -278,7 +350,9 @@ def _train_stream(config: ml_collections.ConfigDict, examples: _Examples, decode
       yield from ds.batch(batch, drop_remainder=True).prefetch(2).as_numpy_iterator()
       epoch, step = epoch + 1, 0
 
-  return epochs(*divmod(start_step, steps_per_epoch))
+  full = decode if finish is None else lambda ex: finish(decode(ex))
+  return _named_errors(epochs(*divmod(start_step, steps_per_epoch)), examples.read(None), full,
+                       functools.partial(_example_file, config, finish_dir=finish_dir))
 
 
 def source_train(config: ml_collections.ConfigDict, *, start_step: int = 0
@@ -327,12 +401,14 @@ def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: str, *,
   prefix = os.path.join(label_dir, '')
   finish = lambda ex: {'image': ex['image'], 'label': _mask_padding(decode_label(
       tf.io.read_file(tf.strings.join([prefix, ex['name'], '.png'])), size, None), ex['valid'])}
-  return _train_stream(config, examples, decode, _PSEUDO, start_step, finish)
+  return _train_stream(config, examples, decode, _PSEUDO, start_step, finish, label_dir)
 
 
-def _one_pass(ds: tf.data.Dataset, decode: Callable, batch: int) -> Iterator[dict]:
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  for example in ds.batch(batch).prefetch(2).as_numpy_iterator():
+def _one_pass(config: ml_collections.ConfigDict, examples: tf.data.Dataset, decode: Callable,
+              batch: int) -> Iterator[dict]:
+  ds = examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  for example in _named_errors(ds.batch(batch).prefetch(2).as_numpy_iterator(), examples, decode,
+                               functools.partial(_example_file, config)):
     if 'name' in example:
       example['name'] = example['name'][0].decode()
     yield example
@@ -349,7 +425,7 @@ def target_images(config: ml_collections.ConfigDict, split: str) -> Iterator[dic
     raise InputError(f'unknown target split {split!r}; expected one of {sorted(_TARGET_SPLITS)}')
   target = _target(config)
   decode = lambda ex: {'image': target.image(ex)[0], 'name': target.name(ex)}
-  return _one_pass(target.examples(_TARGET_SPLITS[split], False).read(None), decode, 1)
+  return _one_pass(config, target.examples(_TARGET_SPLITS[split], False).read(None), decode, 1)
 
 
 def target_val(config: ml_collections.ConfigDict) -> Iterator[dict]:
@@ -366,7 +442,7 @@ def target_val(config: ml_collections.ConfigDict) -> Iterator[dict]:
     raise InputError(f'config.data.num_classes: {e}') from None
   decode = lambda ex: {'image': target.image(ex)[0], 'label': target.label(ex, table),
                        'name': target.name(ex)}
-  return _one_pass(target.examples('validation', False).read(None), decode, 1)
+  return _one_pass(config, target.examples('validation', False).read(None), decode, 1)
 
 
 def source_grid_points(config: ml_collections.ConfigDict, *, batch_size: int | None = None
@@ -381,4 +457,4 @@ def source_grid_points(config: ml_collections.ConfigDict, *, batch_size: int | N
   decode = lambda ex: {'label': decode_label(ex['label'], size, table),
                        'depth': decode_inverse_depth(ex['depth'], size)}
   ds = _read(_source_builder(config), _shard('train', drop_remainder=False))
-  return _one_pass(ds, decode, batch_size or _batch_per_process(config))
+  return _one_pass(config, ds, decode, batch_size or _batch_per_process(config))

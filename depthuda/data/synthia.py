@@ -28,39 +28,77 @@ from depthuda.errors import InputError
 FOLDERS = ('RGB', 'parsed_LABELS', 'Depth')
 
 
-def _png_format(path: str) -> tuple[int, int]:
-  """(bit depth, PNG colour type) from the IHDR chunk; colour type 0 is gray, 2 RGB."""
+# SYNTHIA's class ids run from 0 (void) to 22 (lane marking); larger values mean the folder
+# holds something else (colour-coded labels, another dataset's ids).
+MAX_LABEL_ID = 22
+
+
+def _png_header(path: str) -> tuple[int, int, int, int]:
+  """(width, height, bit depth, colour type) of a complete PNG; colour type 0 is gray, 2 RGB.
+
+  Checked here, when the dataset is prepared, because TFDS copies PNG files as they are and a
+  bad one would otherwise only fail deep inside a training run.
+  """
   with open(path, 'rb') as f:
     head = f.read(26)
-  if head[:8] != b'\x89PNG\r\n\x1a\n':
+    f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+    tail = f.read()
+  if head[:8] != b'\x89PNG\r\n\x1a\n' or head[12:16] != b'IHDR':
     raise InputError(f'{path} is not a PNG file')
-  return struct.unpack('>BB', head[24:26])
+  if b'IEND\xaeB`\x82' not in tail:  # the end chunk (name and CRC) is missing
+    raise InputError(f'{path} is truncated (the PNG ends early)')
+  return struct.unpack('>IIBB', head[16:26])
+
+
+def _decode(path: str, decode):
+  """decode(path), with a decoding failure reported as an InputError naming the file."""
+  try:
+    return decode(path)
+  except (OSError, SyntaxError, ValueError, tf.errors.OpError) as e:
+    raise InputError(f'{path}: cannot decode the PNG ({str(e).splitlines()[0]})') from None
 
 
 def _single_channel(path: str, dtype: type) -> str | np.ndarray:
   """`path` if it is a one-channel PNG of `dtype`, else its first channel [H, W, 1]."""
-  bit_depth, colour_type = _png_format(path)
+  _, _, bit_depth, colour_type = _png_header(path)
   bits = 16 if dtype == np.uint16 else 8
+  if bits > bit_depth:
+    raise InputError(f'{path}: {bit_depth}-bit PNG, expected {bits}-bit depth')
   if colour_type == 0 and bit_depth == bits:
     return path
   if bit_depth == 16:  # PIL cannot read 16-bit colour PNGs
-    with open(path, 'rb') as f:
-      array = tf.io.decode_png(f.read(), channels=0, dtype=tf.uint16).numpy()
+    array = _decode(path, lambda p: tf.io.decode_png(
+        tf.io.read_file(p), channels=0, dtype=tf.uint16).numpy())
   else:  # PIL keeps palette indices as they are
-    array = np.asarray(Image.open(path))
+    array = _decode(path, lambda p: np.asarray(Image.open(p)))
   array = array[..., 0] if array.ndim == 3 else array
   if bits < bit_depth and array.max() >= 2 ** bits:
     raise InputError(f'{path}: values up to {array.max()} do not fit {bits} bits')
-  if bits > bit_depth:
-    raise InputError(f'{path}: {bit_depth}-bit PNG, expected {bits}-bit depth')
   return array.astype(dtype)[..., None]
 
 
 def _rgb(path: str) -> str | np.ndarray:
   """`path` if it is an 8-bit RGB PNG, else the image converted as PIL does."""
-  if _png_format(path) == (8, 2):
+  if _png_header(path)[2:] == (8, 2):
     return path
-  return np.asarray(Image.open(path).convert('RGB'))
+  return _decode(path, lambda p: np.asarray(Image.open(p).convert('RGB')))
+
+
+def _checked_label(root: str, stem: str) -> str | np.ndarray:
+  """The label feature of `stem` (as `_single_channel`), after checking that its three files
+  have one size and that its ids are SYNTHIA's."""
+  paths = {folder: os.path.join(root, folder, stem + '.png') for folder in FOLDERS}
+  sizes = {folder: _png_header(path)[:2] for folder, path in paths.items()}
+  if len(set(sizes.values())) > 1:
+    raise InputError(f'SYNTHIA: {stem}.png differs in size between folders ('
+                     + ', '.join(f'{f} {w}x{h}' for f, (w, h) in sizes.items()) + f') in {root}')
+  feature = _single_channel(paths['parsed_LABELS'], np.uint8)
+  ids = (_decode(feature, lambda p: np.asarray(Image.open(p))) if isinstance(feature, str)
+         else feature)
+  if ids.max() > MAX_LABEL_ID:
+    raise InputError(f'{paths["parsed_LABELS"]}: label id {ids.max()} is not a SYNTHIA class '
+                     f'id (0-{MAX_LABEL_ID}); parsed_LABELS must hold ids, not colours')
+  return feature
 
 
 DOWNLOAD = ('download SYNTHIA-RAND-CITYSCAPES from https://synthia-dataset.net and arrange '
@@ -130,7 +168,7 @@ class SynthiaRandCityscapes(tfds.core.GeneratorBasedBuilder):
       path = lambda folder: os.path.join(root, folder, stem + '.png')
       yield stem, {
           'image': _rgb(path('RGB')),
-          'label': _single_channel(path('parsed_LABELS'), np.uint8),
+          'label': _checked_label(root, stem),
           'depth': _single_channel(path('Depth'), np.uint16),
           'name': stem,
       }

@@ -8,13 +8,13 @@ of METHOD §4). The depth and density heads are the original's `enc5_*` and `enc
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthuda.models.resnet import CONV_INIT, resnet_trunk
+from depthuda.models.resnet import CONV_INIT, CONV_INITS, resnet_trunk
 
 # PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1 (new = 0.9 * old + 0.1 * batch), which
 # is Flax's momentum 0.9.
@@ -30,13 +30,14 @@ class ASPPClassifier(nn.Module):
   """Sum of four 3x3 convs (bias) with dilation = padding = 6, 12, 18, 24 (`conv0`..`conv3`)."""
   num_classes: int
   dtype: Any = jnp.float32
+  kernel_init: Callable = CONV_INIT
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, h, w, C_in] -> logits [B, h, w, num_classes]."""
     return sum(
         nn.Conv(self.num_classes, (3, 3), padding=((d, d), (d, d)), kernel_dilation=d,
-                kernel_init=CONV_INIT, dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=jnp.float32,
                 name=f'conv{i}')(x)
         for i, d in enumerate(ASPP_DILATIONS))
 
@@ -48,11 +49,12 @@ class RegressionHead(nn.Module):
   """
   width: int
   dtype: Any = jnp.float32
+  kernel_init: Callable = CONV_INIT
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, h, w, C_in] -> [B, h, w, 1] float32."""
-    conv = functools.partial(nn.Conv, kernel_init=CONV_INIT, dtype=self.dtype,
+    conv = functools.partial(nn.Conv, kernel_init=self.kernel_init, dtype=self.dtype,
                              param_dtype=jnp.float32)
     x = nn.relu(conv(8 * self.width, (1, 1), padding='VALID', name='conv1')(x))
     x = nn.relu(conv(8 * self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(x))
@@ -74,6 +76,10 @@ class DeepLabV2Depth(nn.Module):
     bn_axis_name: if set, batch statistics are averaged over this mapped axis (synced BN).
       Initialize with `train=False`, where no axis needs to be bound.
     dtype: compute dtype; parameters and statistics stay float32, outputs are float32.
+    head_init: init of the depth and density heads: 'normal' (N(0, 0.01), the original's) or
+      'he' (He normal). The heads have no normalisation: with N(0, 0.01) their output is ~1e-2
+      of their input and barely learns unless the backbone is pretrained, so a network trained
+      from scratch (the toy) uses 'he' there.
   """
   num_classes: int
   layers: Sequence[int] = (3, 4, 23, 3)
@@ -81,6 +87,7 @@ class DeepLabV2Depth(nn.Module):
   bn_mode: str = 'train'
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  head_init: str = 'normal'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool
@@ -101,11 +108,15 @@ class DeepLabV2Depth(nn.Module):
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, axis_name=self.bn_axis_name,
         # Two-pass variance, as PyTorch: E[x^2] - E[x]^2 loses digits where |mean| >> std.
         use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32)
+    if self.head_init not in CONV_INITS:
+      raise ValueError(f'head_init must be one of {tuple(CONV_INITS)}, got {self.head_init!r}')
+    init = CONV_INITS[self.head_init]
     x = resnet_trunk(images.astype(self.dtype), layers=self.layers, width=self.width,
                      norm=norm, dtype=self.dtype)
     seg = ASPPClassifier(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    density = RegressionHead(self.width, dtype=self.dtype, name='density_head')(x)
-    depth = RegressionHead(self.width, dtype=self.dtype, name='depth_head')(x)
+    density = RegressionHead(self.width, dtype=self.dtype, kernel_init=init,
+                             name='density_head')(x)
+    depth = RegressionHead(self.width, dtype=self.dtype, kernel_init=init, name='depth_head')(x)
     return seg.astype(jnp.float32), density, depth
 
 

@@ -14,8 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Every convolution of the segmenter starts as N(0, 0.01) (the original's init loop).
-CONV_INIT = nn.initializers.normal(stddev=0.01)
+# Every convolution of the segmenter starts as N(0, 0.01) (the original's init loop). 'he' is
+# for the depth and density heads of a network trained from scratch (see DeepLabV2Depth).
+CONV_INITS = {'normal': nn.initializers.normal(stddev=0.01),
+              'he': nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')}
+CONV_INIT = CONV_INITS['normal']
 # Bottleneck output channels = planes * EXPANSION.
 EXPANSION = 4
 # (stride, dilation) of layer1..layer4: output stride 8, the last two layers dilated instead.

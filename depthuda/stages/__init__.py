@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from depthuda import checkpointing
 from depthuda import reporting
 from depthuda.data import pipeline
 from depthuda.stages import evaluation
@@ -39,7 +40,16 @@ def _self_train(config, workdir):
 
 
 def _eval_complete(config, workdir):
-  return 'eval' in reporting.read_results(workdir)
+  """results.json has an evaluation of the model that is the best one now."""
+  entry = reporting.read_results(workdir).get('eval')
+  if not entry:
+    return False
+  try:
+    stage = evaluation.best_model_stage(workdir)
+  except FileNotFoundError:
+    return False
+  meta = checkpointing.StageCheckpoints(os.path.join(workdir, stage)).best_meta()
+  return entry.get('model_stage') == stage and entry.get('model_step') == meta['step']
 
 
 _RUN = {'fit_gmm': fit_gmm.run, 'adapt': _adapt, 'pseudo_label': pseudo_label.run,

@@ -5,17 +5,23 @@ of class c gives a point (x = column, y = row, z = inverse depth). The grid is k
 (uint8 class, float16 depth per cell) and EM streams it in chunks, so the points of the whole
 source set never exist as one array. The result, `fit_gmm/gmm.json`, is human-readable and also
 holds the per-class source pixel counts that set the pseudo-label region sizes (METHOD §6).
+
+The scanned grid is kept in `fit_gmm/grid.*.npz` until the GMMs are written, so a run cut off
+during EM does not read the source set again; EM itself is deterministic given the grid and the
+seed, so the resumed run writes the GMMs an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from depthuda import density
@@ -54,6 +60,38 @@ def collect_grid(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
   return np.concatenate(classes), np.concatenate(depths), counts
 
 
+def _grid_cache(workdir: str) -> str:
+  return os.path.join(workdir, 'fit_gmm',
+                      f'grid.{jax.process_index()}-of-{jax.process_count()}.npz')
+
+
+def cached_grid(config: ml_collections.ConfigDict, workdir: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`collect_grid`, kept in fit_gmm/ (atomically) and reused while it matches the config."""
+  path = _grid_cache(workdir)
+  key = json.dumps({'source_dir': os.path.abspath(config.data.source_dir),
+                    'input_size': list(config.data.input_size),
+                    'num_classes': config.data.num_classes,
+                    'grid_size_hw': list(grid_size(config))}, sort_keys=True)
+  try:
+    with np.load(path) as cache:
+      if str(cache['key']) == key:
+        return cache['classes'], cache['depths'], cache['counts']
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    pass  # none yet, or unreadable: scan again
+  classes, depths, counts = collect_grid(config)
+  tmp = path + '.tmp.npz'
+  try:  # Only saves time on a rerun: a full disk should not stop the fit.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(tmp, classes=classes, depths=depths, counts=counts, key=np.array(key))
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning('fit_gmm: could not keep the scanned grid in %s (%s)', path, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return classes, depths, counts
+
+
 def _points(classes: np.ndarray, depths: np.ndarray, num_classes: int,
             max_per_class: int | None = None, rng: np.random.Generator | None = None):
   """Grid cells -> padded per-class points [C,N,3] and mask [C,N]."""
@@ -85,7 +123,7 @@ def _sum_over_processes(stats):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_classes = config.data.num_classes
-  classes, depths, counts = collect_grid(config)
+  classes, depths, counts = cached_grid(config, workdir)
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
   rng = np.random.default_rng(config.seed)
@@ -120,6 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'mean_log_likelihood': float(info['mean_log_likelihood']),
   }
   reporting.write_json(os.path.join(workdir, 'fit_gmm', 'gmm.json'), record)
+  if os.path.exists(_grid_cache(workdir)):
+    os.remove(_grid_cache(workdir))
   if reporting.is_writer():
     print(summary(record))
   return {'iterations': record['iterations'],
@@ -156,9 +196,24 @@ def pixel_counts(workdir: str) -> np.ndarray:
 
 
 def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """results.json has the stage and gmm.json holds finite GMMs of the configured shape."""
+  if 'fit_gmm' not in reporting.read_results(workdir):
+    return False
   try:
     record = load_record(workdir)
-  except FileNotFoundError:
+  except (FileNotFoundError, ValueError):
     return False
-  return (len(record['classes']) == config.data.num_classes
-          and record['num_components'] == config.gmm.num_components)
+  k = config.gmm.num_components
+  shapes = {'weights': (k,), 'means': (k, 3), 'variances': (k, 3)}
+  try:
+    if (list(record['classes']) != list(label_lib.class_names(config.data.num_classes))
+        or record['num_components'] != k or record['grid_size_hw'] != list(grid_size(config))):
+      return False
+    for c in record['classes'].values():
+      for key, shape in shapes.items():
+        values = np.asarray(c[key], np.float64)
+        if values.shape != shape or not np.isfinite(values).all():
+          return False
+  except (KeyError, TypeError, ValueError):
+    return False
+  return True

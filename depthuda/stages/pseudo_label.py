@@ -2,12 +2,16 @@
 
 The best adapted model predicts each target training image in eval mode; logits are upsampled to
 the input size; pixels with confidence below the threshold and regions of class c smaller than
-N_c pixels (8-connected) become ignore. Labels are written as PNGs, one per image, atomically:
-a cut-off run resumes by skipping the images whose PNG exists.
+N_c pixels (8-connected) become ignore. Labels are written as PNGs, one per image, atomically
+(a killed run leaves at most a temporary file, never a half-written PNG). A cut-off run resumes:
+it keeps every PNG that decodes to a label map of the right size and classes, and labels the
+rest. `labels/provenance.json` records the model and settings the PNGs come from; labels of
+another model (adapt trained further, another threshold) are deleted, not reused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -25,6 +29,7 @@ from depthuda import train
 from depthuda import visualize
 from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
+from depthuda.errors import InputError
 from depthuda.stages import fit_gmm
 
 IGNORE = 255
@@ -39,7 +44,7 @@ def region_sizes(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
   if config.pseudo.min_region_sizes is not None:
     sizes = np.asarray(config.pseudo.min_region_sizes, np.int64)
     if sizes.shape != (config.data.num_classes,):
-      raise ValueError(f'config.pseudo.min_region_sizes needs {config.data.num_classes} values, '
+      raise InputError(f'config.pseudo.min_region_sizes needs {config.data.num_classes} values, '
                        f'got {sizes.size}')
     return sizes
   # The formula's 50..5000 pixels are at the original's 1280x760 input; other inputs scale
@@ -51,9 +56,49 @@ def region_sizes(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
   return np.maximum(1, np.round(sizes * scale)).astype(np.int64)
 
 
+def _provenance(config: ml_collections.ConfigDict, model_meta: dict, sizes: np.ndarray) -> dict:
+  """What the labels depend on: the model (adapt's best) and the labelling settings."""
+  return {'model_step': int(model_meta['step']), 'model_miou': float(model_meta['miou']),
+          'threshold': float(config.pseudo.threshold), 'min_region_sizes': sizes.tolist(),
+          'input_size': list(config.data.input_size), 'num_classes': config.data.num_classes}
+
+
+def _read_provenance(out: str) -> dict | None:
+  try:
+    with open(os.path.join(out, 'provenance.json')) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _start_labelling(out: str, provenance: dict) -> None:
+  """Keeps the labels of an earlier run with the same provenance; deletes anything else."""
+  if reporting.is_writer():
+    os.makedirs(out, exist_ok=True)
+    same = _read_provenance(out) == provenance
+    for name in os.listdir(out):
+      if name.endswith('.tmp') or (not same and name.endswith('.png')):
+        os.remove(os.path.join(out, name))
+    if not same:
+      reporting.write_json(os.path.join(out, 'provenance.json'), provenance)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('pseudo_label: labels directory ready')
+
+
+def _read_label(path: str, size_hw: tuple[int, int], num_classes: int) -> np.ndarray | None:
+  """The [H, W] uint8 labels of an earlier run's PNG, or None if it is missing or unusable."""
+  try:
+    with Image.open(path) as image:
+      labels = np.asarray(image)
+  except (OSError, SyntaxError, ValueError):  # PIL's errors for missing or damaged files
+    return None
+  valid = (labels.dtype == np.uint8 and labels.shape == size_hw
+           and bool(np.all((labels < num_classes) | (labels == IGNORE))))
+  return labels if valid else None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = label_dir(workdir)
-  os.makedirs(out, exist_ok=True)
   num_classes = config.data.num_classes
   sizes = region_sizes(config, workdir)
   seg, _ = train.build_models(config, axis_name=None)
@@ -61,6 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
                                              train=False))
   variables, meta = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt')).restore_best(abstract)
+  _start_labelling(out, _provenance(config, meta, sizes))
 
   @jax.jit
   def confident(images):
@@ -74,9 +120,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for example in reporting.progress(pipeline.target_images(config, 'train'), desc='pseudo_label',
                                     unit='img'):
     path = os.path.join(out, f"{example['name']}.png")
-    if os.path.exists(path):  # Resume: count what an earlier run wrote.
-      labels = np.asarray(Image.open(path))
-    else:
+    labels = _read_label(path, (h, w), num_classes)  # Resume: reuse what an earlier run wrote.
+    if labels is None:
       labels = pseudo.spatial_prior(np.asarray(confident(example['image'])), sizes,
                                     ignore_label=IGNORE)
       visualize.save_png(path, labels.astype(np.uint8))
@@ -102,8 +147,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """results.json has the stage, the labels come from adapt's current best model and settings,
+  and the PNGs are all there with the right size (headers are read, not whole images)."""
   entry = reporting.read_results(workdir).get('pseudo_label')
-  if not entry:
-    return False
   out = label_dir(workdir)
-  return os.path.isdir(out) and len([f for f in os.listdir(out) if f.endswith('.png')]) >= entry['images']
+  provenance = _read_provenance(out)
+  if not entry or provenance is None:
+    return False
+  adapt = os.path.join(workdir, 'adapt')
+  model = checkpointing.StageCheckpoints(adapt).best_meta() if os.path.isdir(adapt) else None
+  try:
+    sizes = region_sizes(config, workdir)
+  except FileNotFoundError:  # fit_gmm's output is gone
+    return False
+  if model is None or provenance != _provenance(config, model, sizes):
+    return False
+  w, h = config.data.input_size
+  count = 0
+  for name in os.listdir(out):
+    if name.endswith('.png'):
+      try:
+        with Image.open(os.path.join(out, name)) as image:
+          if image.size != (w, h) or image.mode != 'L':
+            return False
+      except (OSError, SyntaxError, ValueError):
+        return False
+      count += 1
+  return count == entry['images']

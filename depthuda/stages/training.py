@@ -3,6 +3,13 @@
 Both stages share the loop: build the mesh and state, restore the latest checkpoint if any,
 stream process-local batches from the step where the checkpoint left off, run the jitted
 sharded step, log on log steps, evaluate on eval steps (keeping the best model), checkpoint.
+
+Faults: a run killed at any moment continues from its latest complete checkpoint, and since the
+state, the RNG and the data position are all restored, it logs exactly what an uninterrupted run
+logs. SIGTERM or SIGINT saves a checkpoint after the current step and stops (a second signal
+stops at once). The metrics of every step are checked before anything is logged or saved: a
+non-finite loss or gradient stops the run naming the step and the term, so every checkpoint on
+disk is good (`config.nonfinite='skip'` skips such updates instead).
 """
 
 from __future__ import annotations
@@ -14,22 +21,28 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from depthuda import checkpointing
 from depthuda import reporting
 from depthuda import train
 from depthuda.errors import InputError
+from depthuda.errors import Interrupted
 from depthuda.stages import evaluation
 from depthuda.stages import fit_gmm
+
+_SKIP_WARNINGS = 10  # skipped steps reported one by one; results.json counts them all
 
 
 class _StopRequest:
   """Turns SIGTERM/SIGINT into a flag the loop checks: checkpoint, then exit cleanly."""
 
   def __init__(self):
-    self.requested = False
+    self.signum = None
     self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -37,16 +50,15 @@ class _StopRequest:
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.signum is not None:  # Asked twice: the user does not want to wait for the save.
+      raise Interrupted(f'stopped by {signal.Signals(signum).name} without saving a checkpoint',
+                        signum)
+    self.signum = signum
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-class Interrupted(Exception):
-  """Raised after a requested stop has been checkpointed."""
 
 
 def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: str,
@@ -69,12 +81,38 @@ def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: st
   return None
 
 
+def _check_steps(stage: str, config: ml_collections.ConfigDict, pending: list[tuple[int, Any]],
+                 meta: dict, ckpts: checkpointing.StageCheckpoints, bar) -> dict:
+  """Fetches the metrics of the steps since the last check and handles non-finite ones.
+
+  Returns the host values of the last step. With nonfinite='stop' the first bad step raises an
+  InputError before anything of it is logged or saved; with 'skip' it is counted in meta.
+  """
+  fetched = jax.device_get([metrics for _, metrics in pending])
+  for (step, _), values in zip(pending, fetched):
+    if not values.pop('nonfinite'):
+      continue
+    term = reporting.first_nonfinite(values)
+    what = f'non-finite {term} ({float(values[term])})' if term else 'non-finite gradient'
+    if config.nonfinite == 'stop':
+      last = ckpts.latest_step()
+      kept = f'step {last} in {ckpts.directory}/checkpoints' if last is not None else 'none yet'
+      raise InputError(f'{stage}: {what} at step {step}; stopped (last good checkpoint: {kept}; '
+                       '--config.nonfinite=skip skips such steps)')
+    meta['skipped_steps'] = meta.get('skipped_steps', 0) + 1
+    if meta['skipped_steps'] <= _SKIP_WARNINGS:
+      bar.write(f'{stage}: {what} at step {step}; update skipped')
+  return fetched[-1]
+
+
 def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
         batches: Callable[[int], Iterator[dict]]) -> dict:
   """Trains `stage` for its configured number of steps; returns its results.json entry.
 
   batches(start_step) yields process-local numpy batches starting at that global step.
   """
+  if config.nonfinite not in ('stop', 'skip'):
+    raise InputError(f"config.nonfinite={config.nonfinite!r}: expected 'stop' or 'skip'")
   stage_dir = os.path.join(workdir, stage)
   num_steps = config[stage].num_steps
   mesh = train.make_mesh()
@@ -83,13 +121,17 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
   except ValueError as e:
     raise InputError(str(e)) from None
   seg, disc = train.build_models(config)
-  state, seg_tx, disc_tx = train.init_state(config, seg, disc,
-                                            initial_variables(config, workdir, stage, seg))
+  ckpts = checkpointing.StageCheckpoints(stage_dir, keep=config.keep_checkpoints, resume=True)
+  resuming = ckpts.latest_step() is not None
+  # A resumed run overwrites the initial variables: it needs no `init_from` any more.
+  state, seg_tx, disc_tx = train.init_state(
+      config, seg, disc, None if resuming else initial_variables(config, workdir, stage, seg))
   state = train.replicate(state, mesh)
-  ckpts = checkpointing.StageCheckpoints(stage_dir, keep=config.keep_checkpoints)
-  meta = {'step': 0, 'best_miou': -1.0, 'best_step': -1}
-  if ckpts.latest_step() is not None:
+  meta = {'step': 0, 'best_miou': -1.0, 'best_step': -1, 'skipped_steps': 0}
+  if resuming:
     state, meta = ckpts.restore(state)
+  else:
+    ckpts.discard_best_after(0)
   start = int(meta['step'])
 
   if stage == 'adapt':
@@ -106,21 +148,26 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
   log = reporting.MetricsLog(stage_dir, start_step=start)
   stream = batches(start)
   bar = reporting.progress(total=num_steps, initial=start, desc=stage)
+  pending = []  # (step, metrics on device) not checked yet: fetched only when needed
   try:
     with _StopRequest() as stop:
       for step in range(start, num_steps):
         state, metrics = step_fn(state, train.shard_batch(next(stream), mesh), *extra)
         done = step + 1
         bar.update(1)
-        if done % config.log_every_steps == 0 or done == num_steps:
-          values = jax.device_get(metrics)
-          bad = reporting.check_finite(done, values)
-          if bad is not None:
-            raise InputError(f'{stage}: non-finite {bad} at step {done}; the last good checkpoint '
-                             f'is kept in {stage_dir}/checkpoints')
+        pending.append((done, metrics))
+        last = done == num_steps
+        log_now = done % config.log_every_steps == 0 or last
+        eval_now = done % config.eval_every_steps == 0 or last
+        save_now = done % config.checkpoint_every_steps == 0 or last or stop.requested
+        if not (log_now or eval_now or save_now):
+          continue
+        values = _check_steps(stage, config, pending, meta, ckpts, bar)
+        pending = []
+        if log_now:
           log.scalars(done, values)
           bar.set_postfix(loss=f"{float(values['loss']):.3f}")
-        if done % config.eval_every_steps == 0 or done == num_steps:
+        if eval_now:
           variables = {'params': state.params, 'batch_stats': state.batch_stats}
           result = evaluation.evaluate(config, seg, variables, desc=f'{stage} eval @{done}')
           log.scalars(done, {'val_miou': result['miou'],
@@ -128,24 +175,38 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
                                 if v is not None}})
           if config.log_images_every_steps and done % config.log_images_every_steps == 0:
             log.images(done, evaluation.image_panels(config, seg, variables, count=2))
-          if result['miou'] > meta['best_miou']:
+          if meta['best_step'] < 0 or result['miou'] > meta['best_miou']:
             meta.update(best_miou=result['miou'], best_step=done)
             ckpts.save_best(done, variables, {'step': done, 'miou': result['miou']})
         meta['step'] = done
-        if done % config.checkpoint_every_steps == 0 or done == num_steps or stop.requested:
+        if save_now:
           ckpts.save(done, state, dict(meta), force=stop.requested)
         if stop.requested:
-          raise Interrupted(f'{stage}: stopped by signal at step {done}; checkpoint saved, rerun '
-                            'the same command to continue')
+          raise Interrupted(f'{stage}: stopped by {signal.Signals(stop.signum).name} at step '
+                            f'{done}; checkpoint saved, rerun the same command to continue',
+                            stop.signum)
   finally:
     bar.close()
-    ckpts.close()
-    log.close()
-  return {'steps': num_steps, 'best_miou': meta['best_miou'], 'best_step': meta['best_step']}
+    try:
+      ckpts.close()
+    finally:
+      log.close()
+  entry = {'steps': num_steps, 'best_miou': meta['best_miou'], 'best_step': meta['best_step']}
+  if config.nonfinite == 'skip':
+    entry['skipped_steps'] = meta.get('skipped_steps', 0)
+  return entry
 
 
 def is_complete(stage: str, config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """results.json records the configured steps, and the final and best checkpoints exist."""
   results = reporting.read_results(workdir).get(stage)
-  if not results or results.get('steps') != config[stage].num_steps:
+  stage_dir = os.path.join(workdir, stage)
+  if (not results or results.get('steps') != config[stage].num_steps
+      or not os.path.isdir(stage_dir)):
     return False
-  return checkpointing.StageCheckpoints(os.path.join(workdir, stage)).best_step() is not None
+  ckpts = checkpointing.StageCheckpoints(stage_dir)
+  try:
+    return (ckpts.latest_step() == config[stage].num_steps
+            and ckpts.best_step() == results.get('best_step'))
+  finally:
+    ckpts.close()

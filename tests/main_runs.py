@@ -1,0 +1,118 @@
+"""`python -m depthuda.main` in subprocesses, shared by the end-to-end, resume and error tests.
+
+Each run pays 10-25 s of imports and compilation on 2 CPU cores, so the tests share one
+reference run of the whole pipeline (`reference_workdir`), start independent runs side by side,
+and share JAX's persistent compilation cache (loading a compiled step gives the same program,
+so results are unchanged). Runs use configs/test.py with `ARGS`: 8 adapt steps, each logged, a
+checkpoint every 2.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One CPU device (the test config's batch of 2 needs a divisor); XLA's backend optimisations
+# cost more compile time than they save on the tiny test model.
+_CACHE = tempfile.mkdtemp(prefix='depthuda-test-xla-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+           XLA_FLAGS='--xla_force_host_platform_device_count=1 '
+                     '--xla_backend_optimization_level=0',
+           JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+ARGS = ('--config.adapt.num_steps=8', '--config.checkpoint_every_steps=2',
+        '--config.log_every_steps=1', '--config.eval_every_steps=4',
+        '--config.log_images_every_steps=0')
+TIMEOUT = 300
+
+
+def command(workdir: str, *args: str, config: str = 'configs/test.py') -> list[str]:
+  return [sys.executable, '-m', 'depthuda.main', f'--config={config}', f'--workdir={workdir}',
+          *ARGS, *args]
+
+
+def start(workdir: str, *args: str, **kwargs) -> subprocess.Popen:
+  """Starts main; stdout and stderr are captured as text."""
+  return subprocess.Popen(command(workdir, *args), cwd=ROOT, env=ENV, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+  out, err = process.communicate(timeout=TIMEOUT)
+  return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def run(workdir: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+  return finish(start(workdir, *args, **kwargs))
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+  """Polls `condition()` until it holds; fails if `process` ends or time runs out first."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if process.poll() is not None:
+      raise AssertionError(f'the run ended first:\n{finish(process).stderr[-3000:]}')
+    if time.monotonic() > deadline:
+      process.kill()
+      raise AssertionError('timed out')
+    time.sleep(0.05)
+
+
+def metrics(workdir: str, stage: str) -> list[dict]:
+  path = os.path.join(workdir, stage, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def checkpoint_steps(workdir: str, stage: str, kind: str = 'checkpoints') -> list[int]:
+  path = os.path.join(workdir, stage, kind)
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def results(workdir: str) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def error_lines(completed: subprocess.CompletedProcess) -> list[str]:
+  """The lines depthuda itself wrote to stderr (progress bars and library notes aside)."""
+  return [line for line in completed.stderr.splitlines() if line.startswith('depthuda:')]
+
+
+def copy_stages(source: str, dest: str, stages: tuple[str, ...]) -> str:
+  """A new workdir holding `stages` of `source`: their folders and results.json entries."""
+  os.makedirs(dest)
+  for stage in stages:
+    shutil.copytree(os.path.join(source, stage), os.path.join(dest, stage))
+  entries = {k: v for k, v in results(source).items() if k in stages}
+  with open(os.path.join(dest, 'results.json'), 'w') as f:
+    json.dump(entries, f)
+  return dest
+
+
+_reference = {}
+
+
+def reference_workdir(tmp_path_factory) -> str:
+  """A workdir where `--stage=all` ran to the end (once per test session)."""
+  if 'workdir' not in _reference:
+    workdir = str(tmp_path_factory.mktemp('reference'))
+    completed = run(workdir)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    _reference.update(workdir=workdir, completed=completed)
+  return _reference['workdir']
+
+
+def reference_run(tmp_path_factory) -> subprocess.CompletedProcess:
+  reference_workdir(tmp_path_factory)
+  return _reference['completed']

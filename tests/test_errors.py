@@ -1,0 +1,288 @@
+"""Bad input fails early with one line naming the file or setting; earlier results stay intact.
+
+Data and settings are checked through the library (fast); a few runs of main show what a user
+sees: exit status != 0, one `depthuda: error:` line, no traceback.
+"""
+
+import io
+import os
+import re
+import resource
+import shutil
+import signal
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import test as test_config
+from depthuda import checkpointing
+from depthuda import train
+from depthuda.data import cityscapes
+from depthuda.data import pipeline
+from depthuda.errors import InputError
+from depthuda.stages import training
+from tests import main_runs
+
+SIZE = (8, 6)  # (W, H) of the tiny SYNTHIA images
+
+
+def _png(array) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _synthia(root, count=2):
+  """A valid tiny SYNTHIA-RAND-CITYSCAPES folder."""
+  rng = np.random.default_rng(0)
+  w, h = SIZE
+  for folder in ('RGB', 'parsed_LABELS', 'Depth'):
+    os.makedirs(os.path.join(root, folder))
+  for i in range(count):
+    files = {'RGB': rng.integers(0, 256, (h, w, 3), np.uint8),
+             'parsed_LABELS': rng.integers(0, 23, (h, w), np.uint8),
+             'Depth': rng.integers(0, 65536, (h, w), np.uint16)}
+    for folder, array in files.items():
+      with open(os.path.join(root, folder, f'{i:07d}.png'), 'wb') as f:
+        f.write(_png(array))
+
+
+def _config(tmp_path):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 2
+  c.data = ml_collections.ConfigDict(dict(
+      source='synthia', target='cityscapes', source_dir=str(tmp_path / 'synthia'),
+      target_dir=str(tmp_path / 'cityscapes'), tfds_dir=str(tmp_path / 'tfds'), num_classes=7,
+      input_size=SIZE, label_size=SIZE, toy=False, cache_decoded=False, shuffle_buffer=4))
+  _synthia(c.data.source_dir)
+  return c
+
+
+def _write(path, data: bytes):
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
+def _corrupt_middle(path):
+  """Scrambles the image data but keeps the PNG's header and end: only decoding finds it."""
+  with open(path, 'rb') as f:
+    data = bytearray(f.read())
+  for i in range(40, len(data) - 20):
+    data[i] = (data[i] * 7 + 3) % 256
+  _write(path, bytes(data))
+
+
+def _cases():
+  src = lambda *parts: os.path.join('synthia', *parts)
+  w, h = SIZE
+  return {
+      'missing dataset root': (lambda root: shutil.rmtree(root / 'synthia'),
+                               'data.source_dir=.*synthia'),
+      'missing Depth folder': (lambda root: shutil.rmtree(root / src('Depth')), 'Depth/ not found'),
+      'truncated image': (lambda root: _write(root / src('RGB', '0000001.png'), _png(
+          np.zeros((h, w, 3), np.uint8))[:40]), src('RGB', '0000001.png') + ' is truncated'),
+      'non-PNG image': (lambda root: Image.new('RGB', SIZE).save(
+          root / src('RGB', '0000001.png'), format='JPEG'),
+                        src('RGB', '0000001.png') + ' is not a PNG file'),
+      'image without a label file': (lambda root: os.remove(root / src('parsed_LABELS',
+                                                                       '0000001.png')),
+                                     'lack a parsed_LABELS file.*' + src('parsed_LABELS',
+                                                                         '0000001.png')),
+      'label ids outside the map': (lambda root: _write(root / src('parsed_LABELS', '0000000.png'),
+                                                        _png(np.full((h, w), 200, np.uint8))),
+                                    src('parsed_LABELS', '0000000.png') + ': label id 200'),
+      'depth of the wrong bit depth': (lambda root: _write(root / src('Depth', '0000001.png'),
+                                                           _png(np.ones((h, w), np.uint8))),
+                                       src('Depth', '0000001.png') + ': 8-bit PNG, expected 16'),
+      'image and label sizes differ': (lambda root: _write(
+          root / src('parsed_LABELS', '0000001.png'), _png(np.ones((h + 1, w), np.uint8))),
+                                       '0000001.png differs in size.*RGB 8x6, parsed_LABELS 8x7'),
+      'undecodable image found in tf.data': (lambda root: _corrupt_middle(
+          root / src('RGB', '0000000.png')), src('RGB', '0000000.png') + ': cannot decode'),
+  }
+
+
+@pytest.mark.parametrize('case', list(_cases()))
+def test_bad_source_data_names_the_file(case, tmp_path):
+  config = _config(tmp_path)
+  damage, message = _cases()[case]
+  damage(tmp_path)
+  with pytest.raises(InputError, match=message):
+    next(pipeline.source_train(config))
+
+
+def _zip_without(source, dest, drop):
+  with zipfile.ZipFile(source) as old, zipfile.ZipFile(dest, 'w') as new:
+    for item in old.infolist():
+      if not drop(item.filename):
+        new.writestr(item, old.read(item.filename))
+
+
+@pytest.mark.parametrize('drop, message', [
+    (lambda name: '/val/' in name, r'no val images \(leftImg8bit/val/\)'),
+    (lambda name: name.startswith('gtFine/train/') and '000001' in name,
+     r'leftImg8bit/train/.*000001_000019_leftImg8bit.png in .* has no label')])
+def test_bad_cityscapes_zips_name_the_file(drop, message, tmp_path):
+  """A missing split and an image without its label, found before TFDS prepares anything."""
+  target = tmp_path / 'cityscapes'
+  os.makedirs(target)
+  for name in cityscapes.ZIPS:
+    _zip_without(os.path.join(main_runs.ROOT, 'data', 'test', 'cityscapes', name),
+                 target / name, drop)
+  with pytest.raises(InputError, match=message):
+    cityscapes.prepare(str(target), str(tmp_path / 'tfds'))
+  assert not os.path.exists(tmp_path / 'tfds' / 'cityscapes')
+
+
+def _adapt_config():
+  config = test_config.get_config()
+  config.batch_size = 1
+  config.data.input_size = (48, 32)
+  return config
+
+
+def test_missing_or_mismatched_pretrained_checkpoint(tmp_path):
+  config = _adapt_config()
+  seg, _ = train.build_models(config)
+  config.init_from = str(tmp_path / 'nothing')
+  with pytest.raises(InputError, match=r'config.init_from: no converted checkpoint at .*nothing'):
+    training.initial_variables(config, str(tmp_path), 'adapt', seg)
+  wider = config.copy_and_resolve_references()
+  wider.model.width = 8
+  wide_seg, _ = train.build_models(wider)
+  variables = jax.jit(lambda: wide_seg.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 48, 3)),
+                                            train=False))()
+  checkpointing.save_variables(str(tmp_path / 'wide'), variables)
+  config.init_from = str(tmp_path / 'wide')
+  with pytest.raises(InputError, match=r'config.init_from=.*wide: checkpoint does not match'):
+    training.initial_variables(config, str(tmp_path), 'adapt', seg)
+
+
+def test_unknown_nonfinite_setting(tmp_path):
+  config = _adapt_config()
+  config.nonfinite = 'ignore'
+  with pytest.raises(InputError, match="config.nonfinite='ignore'"):
+    training.run('adapt', config, str(tmp_path), lambda start: iter(()))
+
+
+def test_skipped_nonfinite_step_changes_only_the_step_count():
+  config = _adapt_config()
+  config.nonfinite = 'skip'
+  config.loss.lambda_bal_src = config.loss.lambda_bal_tgt = 0.0  # no GMM needed
+  mesh = train.make_mesh(jax.devices()[:1])
+  seg, disc = train.build_models(config)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  state = train.replicate(state, mesh)
+  before = jax.device_get(state)
+  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+                                 disc_tx=disc_tx, config=config)
+  rng = np.random.default_rng(0)
+  w, h = config.data.input_size
+  batch = {'source': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32),
+                      'label': rng.integers(0, 7, (1, h, w)).astype(np.int32),
+                      'depth': rng.uniform(1, 60, (1, h, w)).astype(np.float32)},
+           'target': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32)}}
+  batch['source']['image'][0, 0, 0, 0] = np.nan
+  state, metrics = step(state, train.shard_batch(batch, mesh), None)
+  after = jax.device_get(state)
+  assert float(metrics['nonfinite']) == 1.0 and int(after.step) == 1
+  assert not np.isfinite(float(metrics['loss_seg']))
+  jax.tree.map(np.testing.assert_array_equal, after.replace(step=before.step), before)
+  batch['source']['image'][0, 0, 0, 0] = 0.0
+  state, metrics = step(state, train.shard_batch(batch, mesh), None)
+  assert float(metrics['nonfinite']) == 0.0
+  assert not np.array_equal(jax.device_get(state.params['conv1']['kernel']),
+                            before.params['conv1']['kernel'])
+
+
+def _assert_one_line_error(completed, pattern):
+  assert completed.returncode not in (0, None), completed.stderr[-3000:]
+  assert 'Traceback' not in completed.stderr, completed.stderr[-3000:]
+  assert len(main_runs.error_lines(completed)) == 1, completed.stderr[-3000:]
+  assert re.fullmatch(pattern, main_runs.error_lines(completed)[0]), completed.stderr[-3000:]
+
+
+@pytest.mark.parametrize('override, pattern', [
+    ('--config.adapt.num_stepz=3',
+     r'depthuda: error: --config.adapt.num_stepz: no such config field '
+     r'\(did you mean num_steps\?\)'),
+    ('--config.batch_size=two', r"depthuda: error: flag --config.batch_size=two: .*'two'")])
+def test_mistyped_config_override(override, pattern, tmp_path):
+  completed = main_runs.run(str(tmp_path / 'work'), override)
+  _assert_one_line_error(completed, pattern)
+  assert completed.returncode == 2 and not os.path.exists(tmp_path / 'work')
+
+
+def _limit_file_size(limit):
+  def set_limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG), as a full disk does
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+  return set_limit
+
+
+@pytest.fixture(scope='module')
+def failing_runs(tmp_path_factory):
+  """Runs of main that must fail, started side by side: {case: (process, workdir, before)}."""
+  reference = main_runs.reference_workdir(tmp_path_factory)
+  root = tmp_path_factory.mktemp('failing')
+  runs = {}
+
+  def start(case, *args, **kwargs):
+    workdir = main_runs.copy_stages(reference, str(root / case), ('fit_gmm',))
+    before = open(os.path.join(workdir, 'results.json')).read()
+    runs[case] = (main_runs.start(workdir, *args, **kwargs), workdir, before)
+
+  start('nonfinite', '--stage=adapt', '--config.optim.lr=1e30',
+        '--config.checkpoint_every_steps=1')
+  start('full disk', '--stage=adapt', preexec_fn=_limit_file_size(100_000))
+  # Another number of components: the copied fit_gmm is not complete, so it reads the data.
+  start('missing dataset', '--stage=fit_gmm', '--config.gmm.num_components=3',
+        '--config.data.toy=False', f'--config.data.source_dir={root}/nowhere')
+  return runs
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(failing_runs):
+  process, workdir, before = failing_runs['nonfinite']
+  completed = main_runs.finish(process)
+  _assert_one_line_error(completed, r'depthuda: error: adapt: non-finite loss\w* \(nan\) at step '
+                         r'2; stopped \(last good checkpoint: step 1 in .*/adapt/checkpoints; '
+                         r'--config.nonfinite=skip skips such steps\)')
+  assert main_runs.checkpoint_steps(workdir, 'adapt') == [1]
+  assert [m['step'] for m in main_runs.metrics(workdir, 'adapt')] == [1]
+  assert open(os.path.join(workdir, 'results.json')).read() == before
+
+
+def test_full_disk_is_one_line_and_keeps_earlier_results(failing_runs):
+  process, workdir, before = failing_runs['full disk']
+  completed = main_runs.finish(process)
+  _assert_one_line_error(completed, r'depthuda: error: cannot write .*/adapt/(checkpoints|best): '
+                         r'File too large')
+  assert open(os.path.join(workdir, 'results.json')).read() == before
+  assert os.path.exists(os.path.join(workdir, 'fit_gmm', 'gmm.json'))
+
+
+def test_missing_dataset_is_one_line_and_keeps_earlier_results(failing_runs, tmp_path):
+  process, workdir, before = failing_runs['missing dataset']
+  completed = main_runs.finish(process)
+  _assert_one_line_error(completed, r'depthuda: error: SYNTHIA: RGB/, parsed_LABELS/, Depth/ not '
+                         r'found in data.source_dir=.*/nowhere; .*')
+  assert open(os.path.join(workdir, 'results.json')).read() == before
+
+
+def test_unwritable_workdir(tmp_path):
+  (tmp_path / 'file').write_text('')
+  completed = main_runs.run(str(tmp_path / 'file' / 'work'), '--stage=fit_gmm')
+  _assert_one_line_error(completed, r'depthuda: error: --workdir=.*/file/work is not writable '
+                         r'\(Not a directory\)')
+  if os.geteuid() != 0:  # root writes anywhere
+    os.makedirs(tmp_path / 'readonly')
+    os.chmod(tmp_path / 'readonly', 0o500)
+    completed = main_runs.run(str(tmp_path / 'readonly'), '--stage=fit_gmm')
+    _assert_one_line_error(completed, r'depthuda: error: --workdir=.*/readonly is not writable '
+                           r'\(Permission denied\)')

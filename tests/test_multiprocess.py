@@ -1,0 +1,105 @@
+"""Data parallel over processes: two `jax.distributed` processes equal one process.
+
+Two processes on localhost (CPU devices, gloo collectives), each feeding its half of the global
+batch through `train.shard_batch`, run a few adapt steps of a tiny config; their losses must be
+those of one process with the same number of devices. The file is also the worker script:
+`python tests/test_multiprocess.py PROCESS_ID NUM_PROCESSES PORT OUT.json DEVICES_PER_PROCESS`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+STEPS = 3
+NUM_PROCESSES = 2
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSSES = ('loss_seg', 'loss_depth', 'loss_bal_src', 'loss_bal_tgt', 'loss_adv', 'loss_disc')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _worker(process_id: int, num_processes: int, port: int, out: str) -> None:
+  """One process of the distributed run: its share of every batch, losses to `out` (process 0)."""
+  import jax
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(f'localhost:{port}', num_processes, process_id,
+                             initialization_timeout=60)
+  from depthuda import train
+  from test_train import _batches, _config, _gmm_params
+
+  config = _config(**{'optim.lr': 2.5e-4})
+  mesh = train.make_mesh()
+  local = jax.local_device_count()
+  batches = _batches(STEPS, jax.device_count(), config)
+  seg, disc = train.build_models(config)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  state = train.replicate(state, mesh)
+  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+                                 disc_tx=disc_tx, config=config)
+  params = train.replicate(_gmm_params(), mesh)
+  history = []
+  for batch in batches:
+    mine = jax.tree.map(lambda x: x[process_id * local:(process_id + 1) * local], batch)
+    state, metrics = step(state, train.shard_batch(mine, mesh), params)
+    # Replicated outputs: this process's copy is the global value.
+    history.append({k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()})
+  if process_id == 0:
+    with open(out, 'w') as f:
+      json.dump({'history': history, 'device_count': jax.device_count(),
+                 'process_count': jax.process_count()}, f)
+  jax.distributed.shutdown()
+
+
+def _distributed_losses(tmp_path, devices_per_process: int) -> dict:
+  port, out = _free_port(), str(tmp_path / 'losses.json')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process} '
+                       '--xla_backend_optimization_level=0')
+  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(NUM_PROCESSES), str(port), out],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+           for i in range(NUM_PROCESSES)]
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=150)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-3000:]
+  with open(out) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize('devices_per_process', [1])
+def test_two_processes_equal_one_process(tmp_path, devices_per_process):
+  import jax
+  from test_train import _batches, _config, _run
+  result = _distributed_losses(tmp_path, devices_per_process)
+  num_devices = NUM_PROCESSES * devices_per_process
+  assert result['process_count'] == NUM_PROCESSES
+  assert result['device_count'] == num_devices
+
+  config = _config(**{'optim.lr': 2.5e-4})
+  _, expected, _ = _run(config, jax.devices()[:num_devices], _batches(STEPS, num_devices, config))
+  for step, (got, want) in enumerate(zip(result['history'], expected)):
+    for name in LOSSES:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7,
+                                 err_msg=f'{name} at step {step}')
+  assert len(result['history']) == STEPS
+
+
+if __name__ == '__main__':
+  _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
