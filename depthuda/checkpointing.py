@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -27,6 +28,27 @@ from depthuda.errors import InputError
 from depthuda.errors import write_failure
 
 _TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+class _NoOrbaxTracebacks(logging.logging.Filter):
+
+  def filter(self, record):
+    return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+def quiet_failed_saves() -> None:
+  """For command lines: a failed write (a full disk) is raised again where a save is waited
+  for, and reported there in one line. Orbax's saving thread also logs it with a traceback,
+  and TensorStore then reports each pending write to Orbax's closed event loop; both go."""
+  logging.get_absl_handler().addFilter(_NoOrbaxTracebacks())
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      default_hook(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def _remove_unfinished(directory: str) -> None:
@@ -91,27 +113,23 @@ class StageCheckpoints:
   def restore(self, abstract_state: Any) -> tuple[Any, dict]:
     """The latest checkpoint that restores, onto the shardings of `abstract_state`.
 
-    A checkpoint that cannot be read is deleted with a warning and the one before it is tried
-    (its successors would otherwise clash with the steps the resumed run saves). If none can
-    be read, an InputError: the checkpoints belong to a different configuration.
+    A checkpoint that cannot be read (damaged on disk) is deleted with a warning and the one
+    before it is used; its successors would otherwise clash with the steps the resumed run
+    saves. If none can be read, an InputError: they belong to a different configuration.
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     steps = sorted(self._latest.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
+    failures = []
+    for step in steps:
       try:
         out = self._latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       except (ValueError, KeyError, TypeError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if i == len(steps) - 1:
-          raise InputError(
-              f'cannot restore {self.directory}/checkpoints/{step} ({reason[:300]}); it was '
-              'written with another configuration: rerun with that one or another --workdir'
-          ) from None
-        logging.warning('checkpoint %s/checkpoints/%d is unreadable (%s); trying the one before',
-                        self.directory, step, reason[:300])
+        failures.append(f'{self.directory}/checkpoints/{step} '
+                        f'({(str(e).strip() or type(e).__name__).split(". ")[0][:300]})')
         continue
-      for newer in steps[:i]:
+      for failure, newer in zip(failures, steps):
+        logging.warning('cannot restore %s; resuming from step %d', failure, step)
         self._latest.delete(newer)
       meta = out['meta']
       self.discard_best_after(step)
@@ -121,6 +139,9 @@ class StageCheckpoints:
         meta.update(best_step=-1, best_miou=-1.0)
       self._resumable_best = int(meta['best_step'])
       return out['state'], meta
+    if failures:
+      raise InputError(f'cannot restore {failures[0]}: the checkpoints were written with another '
+                       'configuration; rerun with that one or use another --workdir')
     raise FileNotFoundError(f'no checkpoint in {self.directory}/checkpoints')
 
   def save_best(self, step: int, variables: Any, meta: dict) -> None:

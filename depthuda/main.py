@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -82,15 +83,25 @@ def _config_file(argv: list[str]) -> str:
 
 def _raise_interrupted(signum, frame):
   del frame
-  raise Interrupted(f'stopped by {signal.Signals(signum).name}', signum)
+  name = signal.Signals(signum).name
+  raise Interrupted(f'stopped by {name}; rerun the same command to continue', signum)
 
 
-class _NoLibraryTracebacks(logging.logging.Filter):
-  """Drops errors that Orbax logs with a traceback from its saving thread: the same error is
-  raised again where depthuda waits for the save, and reported there in one line."""
-
-  def filter(self, record):
-    return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
+def _write_config(workdir: str, config) -> None:
+  """DIR/config.json, written atomically (every process checks that it can write DIR)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix='.config.json.', suffix='.tmp')
+    try:
+      with os.fdopen(fd, 'w') as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      os.chmod(tmp, 0o644)  # mkstemp's 0600 would stick
+      os.replace(tmp, os.path.join(workdir, 'config.json'))
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  except OSError as e:
+    raise InputError(f'--workdir={workdir} is not writable ({e.strerror or e})') from None
 
 
 def main(argv):
@@ -99,9 +110,10 @@ def main(argv):
   for sig in (signal.SIGTERM, signal.SIGINT):  # Stages that checkpoint replace these.
     signal.signal(sig, _raise_interrupted)
   logging.set_verbosity(logging.WARNING)
-  logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ notes and warnings
+  config, workdir = _CONFIG.value, _WORKDIR.value
   try:
+    _write_config(workdir, config)  # Before the slow imports: a bad workdir fails at once.
     import jax  # After flag parsing, so --help is fast.
     if _MULTIHOST.value:
       _initialize_distributed(jax)
@@ -109,16 +121,11 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')  # The input pipeline must not take GPU memory.
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()  # One-off dataset preparation; our own bars show the stages.
-    from depthuda import stages
+    from depthuda import checkpointing
     from depthuda import reporting
+    from depthuda import stages
+    checkpointing.quiet_failed_saves()
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    try:
-      os.makedirs(workdir, exist_ok=True)
-      reporting.write_text(os.path.join(workdir, 'config.json'),
-                           config.to_json_best_effort(indent=2, sort_keys=True))
-    except OSError as e:
-      raise InputError(f'--workdir={workdir} is not writable ({e.strerror or e})') from None
     for stage in (_STAGES if _STAGE.value == 'all' else (_STAGE.value,)):
       stages.run(stage, config, workdir)
   except Interrupted as e:

@@ -139,15 +139,6 @@ def progress(iterable: Iterable | None = None, total: int | None = None, initial
                    mininterval=1.0, smoothing=0.1)
 
 
-def first_nonfinite(metrics: dict[str, Any]) -> str | None:
-  """The name of the first non-finite loss term (the terms before their weighted sum), or None."""
-  names = sorted(n for n in metrics if n.startswith('loss_')) + ['loss']
-  for name in names:
-    if name in metrics and not math.isfinite(float(metrics[name])):
-      return name
-  return None
-
-
 class Timer:
   def __init__(self):
     self.start = time.perf_counter()

@@ -7,9 +7,8 @@ sees: exit status != 0, one `depthuda: error:` line, no traceback.
 import io
 import os
 import re
-import resource
 import shutil
-import signal
+import subprocess
 import zipfile
 
 import jax
@@ -219,11 +218,9 @@ def test_mistyped_config_override(override, pattern, tmp_path):
   assert completed.returncode == 2 and not os.path.exists(tmp_path / 'work')
 
 
-def _limit_file_size(limit):
-  def set_limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG), as a full disk does
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-  return set_limit
+def _limit_file_size(kilobytes, command):
+  """`command` unable to write files beyond a size (EFBIG, as a full disk gives ENOSPC)."""
+  return ['bash', '-c', f'ulimit -f {kilobytes}; trap "" XFSZ; exec "$@"', 'bash', *command]
 
 
 @pytest.fixture(scope='module')
@@ -233,14 +230,18 @@ def failing_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('failing')
   runs = {}
 
-  def start(case, *args, **kwargs):
+  def start(case, *args, wrap=lambda command: command):
     workdir = main_runs.copy_stages(reference, str(root / case), ('fit_gmm',))
     before = open(os.path.join(workdir, 'results.json')).read()
-    runs[case] = (main_runs.start(workdir, *args, **kwargs), workdir, before)
+    process = subprocess.Popen(wrap(main_runs.command(workdir, *args)), cwd=main_runs.ROOT,
+                               env=main_runs.ENV, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    runs[case] = (process, workdir, before)
 
   start('nonfinite', '--stage=adapt', '--config.optim.lr=1e30',
         '--config.checkpoint_every_steps=1')
-  start('full disk', '--stage=adapt', preexec_fn=_limit_file_size(100_000))
+  start('full disk', '--stage=adapt', '--config.checkpoint_every_steps=1',
+        wrap=lambda command: _limit_file_size(100, command))
   # Another number of components: the copied fit_gmm is not complete, so it reads the data.
   start('missing dataset', '--stage=fit_gmm', '--config.gmm.num_components=3',
         '--config.data.toy=False', f'--config.data.source_dir={root}/nowhere')
@@ -250,9 +251,9 @@ def failing_runs(tmp_path_factory):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(failing_runs):
   process, workdir, before = failing_runs['nonfinite']
   completed = main_runs.finish(process)
-  _assert_one_line_error(completed, r'depthuda: error: adapt: non-finite loss\w* \(nan\) at step '
-                         r'2; stopped \(last good checkpoint: step 1 in .*/adapt/checkpoints; '
-                         r'--config.nonfinite=skip skips such steps\)')
+  _assert_one_line_error(completed, r'depthuda: error: adapt: non-finite loss_\w+=nan'
+                         r'(, loss\w*=nan)* at step 2; stopped \(last good checkpoint: step 1 '
+                         r'in .*/adapt/checkpoints; --config.nonfinite=skip skips such steps\)')
   assert main_runs.checkpoint_steps(workdir, 'adapt') == [1]
   assert [m['step'] for m in main_runs.metrics(workdir, 'adapt')] == [1]
   assert open(os.path.join(workdir, 'results.json')).read() == before

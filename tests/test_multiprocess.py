@@ -3,7 +3,8 @@
 Two processes on localhost (CPU devices, gloo collectives), each feeding its half of the global
 batch through `train.shard_batch`, run a few adapt steps of a tiny config; their losses must be
 those of one process with the same number of devices. The file is also the worker script:
-`python tests/test_multiprocess.py PROCESS_ID NUM_PROCESSES PORT OUT.json DEVICES_PER_PROCESS`.
+`python tests/test_multiprocess.py PROCESS_ID NUM_PROCESSES PORT OUT.json` (devices per process
+from XLA_FLAGS).
 """
 
 import json
@@ -59,26 +60,36 @@ def _worker(process_id: int, num_processes: int, port: int, out: str) -> None:
   jax.distributed.shutdown()
 
 
-def _distributed_losses(tmp_path, devices_per_process: int) -> dict:
+def _start_workers(tmp_path, devices_per_process: int) -> tuple[list, str]:
   port, out = _free_port(), str(tmp_path / 'losses.json')
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process} '
                        '--xla_backend_optimization_level=0')
-  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(NUM_PROCESSES), str(port), out],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-           for i in range(NUM_PROCESSES)]
-  logs = []
-  try:
-    for proc in procs:
-      logs.append(proc.communicate(timeout=150)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, log in zip(procs, logs):
-    assert proc.returncode == 0, log[-3000:]
+  procs = []
+  for i in range(NUM_PROCESSES):
+    with open(tmp_path / f'worker{i}.log', 'w') as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, __file__, str(i), str(NUM_PROCESSES), str(port), out], env=env,
+          cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+  return procs, out
+
+
+def _stop(procs: list) -> None:
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def _wait(tmp_path, procs: list, out: str) -> dict:
+  for i, proc in enumerate(procs):
+    try:
+      proc.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+      _stop(procs)
+    log = (tmp_path / f'worker{i}.log').read_text()
+    assert proc.returncode == 0, f'worker {i} failed:\n{log[-3000:]}'
   with open(out) as f:
     return json.load(f)
 
@@ -87,13 +98,17 @@ def _distributed_losses(tmp_path, devices_per_process: int) -> dict:
 def test_two_processes_equal_one_process(tmp_path, devices_per_process):
   import jax
   from test_train import _batches, _config, _run
-  result = _distributed_losses(tmp_path, devices_per_process)
+  procs, out = _start_workers(tmp_path, devices_per_process)
   num_devices = NUM_PROCESSES * devices_per_process
+  try:  # The single-process reference runs while the workers compile.
+    config = _config(**{'optim.lr': 2.5e-4})
+    _, expected, _ = _run(config, jax.devices()[:num_devices],
+                          _batches(STEPS, num_devices, config))
+    result = _wait(tmp_path, procs, out)
+  finally:
+    _stop(procs)
   assert result['process_count'] == NUM_PROCESSES
   assert result['device_count'] == num_devices
-
-  config = _config(**{'optim.lr': 2.5e-4})
-  _, expected, _ = _run(config, jax.devices()[:num_devices], _batches(STEPS, num_devices, config))
   for step, (got, want) in enumerate(zip(result['history'], expected)):
     for name in LOSSES:
       np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7,

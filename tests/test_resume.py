@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from depthuda import checkpointing
 from depthuda import gmm
 from depthuda import pseudo
 from depthuda import reporting
+from depthuda.errors import InputError
 from depthuda.stages import fit_gmm
 from depthuda.stages import pseudo_label
 from tests import main_runs
@@ -163,7 +165,7 @@ def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
 def test_checkpoints_survive_a_killed_save(tmp_path):
   """An unfinished save is ignored and removed; best checkpoints saved after the resumed
   checkpoint are dropped (the resumed run saves them again)."""
-  state = {'w': np.arange(4.0, dtype=np.float32)}
+  state = {'w': jnp.arange(4.0)}
   ckpts = checkpointing.StageCheckpoints(str(tmp_path), resume=True)
   ckpts.save_best(2, state, {'step': 2, 'miou': 1.0})
   ckpts.save(2, state, {'step': 2, 'best_miou': 1.0, 'best_step': 2})
@@ -183,6 +185,13 @@ def test_checkpoints_survive_a_killed_save(tmp_path):
   ckpts.save(4, state, {'step': 4, 'best_miou': 3.0, 'best_step': 4})
   ckpts.close()
   assert main_runs.checkpoint_steps(str(tmp_path), '.', 'best') == [4]
+
+  with pytest.raises(InputError, match=r'checkpoints/4 \(Requested shape: \(8,\) is not '
+                     r'compatible .*written with another configuration'):
+    checkpointing.StageCheckpoints(str(tmp_path), resume=True).restore({'w': jnp.zeros(8)})
+  shutil.rmtree(tmp_path / 'checkpoints' / '4' / 'state')  # damaged on disk
+  ckpts = checkpointing.StageCheckpoints(str(tmp_path), resume=True)
+  assert ckpts.restore(state)[1]['step'] == 2 and ckpts.latest_step() == 2
 
 
 def test_metrics_log_restarts_at_the_resumed_step(tmp_path):

@@ -48,8 +48,11 @@ def _eval_complete(config, workdir):
     stage = evaluation.best_model_stage(workdir)
   except FileNotFoundError:
     return False
-  meta = checkpointing.StageCheckpoints(os.path.join(workdir, stage)).best_meta()
-  return entry.get('model_stage') == stage and entry.get('model_step') == meta['step']
+  ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, stage))
+  try:
+    return entry.get('model_stage') == stage and entry.get('model_step') == ckpts.best_step()
+  finally:
+    ckpts.close()
 
 
 _RUN = {'fit_gmm': fit_gmm.run, 'adapt': _adapt, 'pseudo_label': pseudo_label.run,

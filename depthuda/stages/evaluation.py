@@ -44,8 +44,8 @@ def _confusion(logits, label, num_classes):
 
 
 def _local(variables):
-  """Replicated global arrays -> host numpy (usable by this process's own jit calls)."""
-  return jax.device_get(variables)
+  """Replicated global arrays -> this process's first device, once (not per image)."""
+  return jax.device_put(jax.device_get(variables), jax.local_devices()[0])
 
 
 def evaluate(config: ml_collections.ConfigDict, seg, variables, desc: str = 'eval') -> dict:

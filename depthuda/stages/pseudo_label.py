@@ -117,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   kept = np.zeros(num_classes, np.int64)
   count = 0
-  for example in reporting.progress(pipeline.target_images(config, 'train'), desc='pseudo_label',
+  for example in reporting.progress(pipeline.target_images(config, 'selftrain'), desc='pseudo_label',
                                     unit='img'):
     path = os.path.join(out, f"{example['name']}.png")
     labels = _read_label(path, (h, w), num_classes)  # Resume: reuse what an earlier run wrote.
@@ -155,7 +155,11 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
   if not entry or provenance is None:
     return False
   adapt = os.path.join(workdir, 'adapt')
-  model = checkpointing.StageCheckpoints(adapt).best_meta() if os.path.isdir(adapt) else None
+  model = None
+  if os.path.isdir(adapt):
+    ckpts = checkpointing.StageCheckpoints(adapt)
+    model = ckpts.best_meta()
+    ckpts.close()
   try:
     sizes = region_sizes(config, workdir)
   except FileNotFoundError:  # fit_gmm's output is gone

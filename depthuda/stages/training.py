@@ -14,6 +14,7 @@ disk is good (`config.nonfinite='skip'` skips such updates instead).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from typing import Any, Callable, Iterator
@@ -92,8 +93,10 @@ def _check_steps(stage: str, config: ml_collections.ConfigDict, pending: list[tu
   for (step, _), values in zip(pending, fetched):
     if not values.pop('nonfinite'):
       continue
-    term = reporting.first_nonfinite(values)
-    what = f'non-finite {term} ({float(values[term])})' if term else 'non-finite gradient'
+    terms = [k for k in (*train.LOSS_NAMES, 'loss_disc', 'loss')
+             if k in values and not math.isfinite(float(values[k]))]
+    what = ('non-finite ' + ', '.join(f'{k}={float(values[k])}' for k in terms) if terms
+            else 'non-finite gradient')
     if config.nonfinite == 'stop':
       last = ckpts.latest_step()
       kept = f'step {last} in {ckpts.directory}/checkpoints' if last is not None else 'none yet'
