@@ -184,6 +184,9 @@ class TorchSession:
 
 def worker(args) -> None:
   """Sets up one framework, then serves `step` / `done` commands read from stdin."""
+  if args.threads and hasattr(os, 'sched_setaffinity'):
+    # Both workers on the same cores: neither runs more threads at once than the other.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[-args.threads:])
   if args.worker == 'jax':
     import jax  # pylint: disable=unused-import
   else:
@@ -257,8 +260,9 @@ def main():
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--frameworks', default='jax,torch')
   parser.add_argument('--threads', type=int, default=0,
-                      help='CPU: 1 runs both single-threaded (PyTorch intra-op threads, XLA '
-                           'Eigen); 0 keeps the defaults (one thread per core)')
+                      help='CPU: N pins both workers to the same N cores and gives PyTorch N '
+                           'intra-op threads (1: XLA Eigen single-threaded too); 0 keeps the '
+                           'defaults (every core)')
   parser.add_argument('--torch_device', default='auto', choices=('auto', 'cpu'))
   parser.add_argument('--peak_tflops', type=float, default=0.0,
                       help='device peak for the MFU (default: known GPUs by name)')
@@ -305,7 +309,7 @@ def main():
   rows = [('compile (s)', lambda r: _fmt(r.get('compile_s'))),
           ('first iteration (s)', lambda r: _fmt(r['first_step_s'])),
           ('iteration, median (s)', lambda r: _fmt(r['median_s'], digits=3)),
-          ('iterations (s)', lambda r: ' '.join(f'{t:.2f}' for t in r['times'])),
+          ('iterations (s)', lambda r: ' '.join(f'{t:.1f}' for t in r['times'][:6])),
           ('peak memory in iterations (MiB)', lambda r: _fmt(r['peak_memory_bytes'], 2**20, 0)),
           ('XLA temporaries (MiB)', lambda r: _fmt(r.get('xla_temp_bytes'), 2**20, 0)),
           ('resident after imports (MiB)', lambda r: _fmt(r['rss_after_imports'], 2**20, 0)),

@@ -30,17 +30,20 @@ from depthuda.errors import write_failure
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
 
-class _NoOrbaxTracebacks(logging.logging.Filter):
+class _NoSaveTracebacks(logging.logging.Filter):
 
   def filter(self, record):
-    return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
+    from_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+    orphan = record.name == 'asyncio' and 'exception was never retrieved' in str(record.msg)
+    return not (record.exc_info and (from_orbax or orphan))
 
 
 def quiet_failed_saves() -> None:
   """For command lines: a failed write (a full disk) is raised again where a save is waited
   for, and reported there in one line. Orbax's saving thread also logs it with a traceback,
-  and TensorStore then reports each pending write to Orbax's closed event loop; both go."""
-  logging.get_absl_handler().addFilter(_NoOrbaxTracebacks())
+  asyncio logs the write tasks that failed with it, and TensorStore reports each pending write
+  to Orbax's closed event loop: all of these go."""
+  logging.get_absl_handler().addFilter(_NoSaveTracebacks())
   default_hook = sys.unraisablehook
 
   def hook(unraisable):

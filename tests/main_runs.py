@@ -39,10 +39,28 @@ def command(workdir: str, *args: str, config: str = 'configs/test.py') -> list[s
           *ARGS, *args]
 
 
-def start(workdir: str, *args: str, **kwargs) -> subprocess.Popen:
-  """Starts main; stdout and stderr are captured as text."""
-  return subprocess.Popen(command(workdir, *args), cwd=ROOT, env=ENV, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+_started = []
+
+
+@atexit.register
+def _stop_leftovers():
+  """Runs a failed test left behind end with the session."""
+  for process in _started:
+    if process.poll() is None:
+      process.kill()
+
+
+def popen(args: list[str]) -> subprocess.Popen:
+  """Starts a command in the repository root; stdout and stderr are captured as text."""
+  process = subprocess.Popen(args, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+  _started.append(process)
+  return process
+
+
+def start(workdir: str, *args: str) -> subprocess.Popen:
+  """Starts main on `workdir`."""
+  return popen(command(workdir, *args))
 
 
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -50,8 +68,8 @@ def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def run(workdir: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-  return finish(start(workdir, *args, **kwargs))
+def run(workdir: str, *args: str) -> subprocess.CompletedProcess:
+  return finish(start(workdir, *args))
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = TIMEOUT) -> None:
@@ -103,16 +121,24 @@ def copy_stages(source: str, dest: str, stages: tuple[str, ...]) -> str:
 _reference = {}
 
 
-def reference_workdir(tmp_path_factory) -> str:
-  """A workdir where `--stage=all` ran to the end (once per test session)."""
-  if 'workdir' not in _reference:
+def start_reference(tmp_path_factory) -> None:
+  """Starts the reference run of `--stage=all` in the background, once per test session."""
+  if 'process' not in _reference:
     workdir = str(tmp_path_factory.mktemp('reference'))
-    completed = run(workdir)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    _reference.update(workdir=workdir, completed=completed)
-  return _reference['workdir']
+    _reference.update(workdir=workdir, process=start(workdir))
 
 
 def reference_run(tmp_path_factory) -> subprocess.CompletedProcess:
-  reference_workdir(tmp_path_factory)
-  return _reference['completed']
+  """The finished reference run (waited for)."""
+  start_reference(tmp_path_factory)
+  if 'completed' not in _reference:
+    _reference['completed'] = finish(_reference['process'])
+  completed = _reference['completed']
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  return completed
+
+
+def reference_workdir(tmp_path_factory) -> str:
+  """A workdir where `--stage=all` ran to the end."""
+  reference_run(tmp_path_factory)
+  return _reference['workdir']

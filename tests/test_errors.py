@@ -8,7 +8,6 @@ import io
 import os
 import re
 import shutil
-import subprocess
 import zipfile
 
 import jax
@@ -173,29 +172,25 @@ def test_unknown_nonfinite_setting(tmp_path):
 def test_skipped_nonfinite_step_changes_only_the_step_count():
   config = _adapt_config()
   config.nonfinite = 'skip'
-  config.loss.lambda_bal_src = config.loss.lambda_bal_tgt = 0.0  # no GMM needed
   mesh = train.make_mesh(jax.devices()[:1])
   seg, disc = train.build_models(config)
-  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  state, seg_tx, _ = train.init_state(config, seg, disc)
   state = train.replicate(state, mesh)
   before = jax.device_get(state)
-  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
-                                 disc_tx=disc_tx, config=config)
-  rng = np.random.default_rng(0)
+  step = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
+                                 config=config)
   w, h = config.data.input_size
-  batch = {'source': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32),
-                      'label': rng.integers(0, 7, (1, h, w)).astype(np.int32),
-                      'depth': rng.uniform(1, 60, (1, h, w)).astype(np.float32)},
-           'target': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32)}}
-  batch['source']['image'][0, 0, 0, 0] = np.nan
-  state, metrics = step(state, train.shard_batch(batch, mesh), None)
+  rng = np.random.default_rng(0)
+  image = rng.normal(0, 50, (1, h, w, 3)).astype(np.float32)
+  label = rng.integers(0, 7, (1, h, w)).astype(np.int32)
+  broken = image.copy()
+  broken[0, 0] = np.nan
+  state, metrics = step(state, train.shard_batch({'image': broken, 'label': label}, mesh))
   after = jax.device_get(state)
   assert float(metrics['nonfinite']) == 1.0 and int(after.step) == 1
-  assert not np.isfinite(float(metrics['loss_seg']))
   jax.tree.map(np.testing.assert_array_equal, after.replace(step=before.step), before)
-  batch['source']['image'][0, 0, 0, 0] = 0.0
-  state, metrics = step(state, train.shard_batch(batch, mesh), None)
-  assert float(metrics['nonfinite']) == 0.0
+  state, metrics = step(state, train.shard_batch({'image': image, 'label': label}, mesh))
+  assert float(metrics['nonfinite']) == 0.0 and int(state.step) == 2
   assert not np.array_equal(jax.device_get(state.params['conv1']['kernel']),
                             before.params['conv1']['kernel'])
 
@@ -223,28 +218,33 @@ def _limit_file_size(kilobytes, command):
   return ['bash', '-c', f'ulimit -f {kilobytes}; trap "" XFSZ; exec "$@"', 'bash', *command]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='module', autouse=True)
 def failing_runs(tmp_path_factory):
-  """Runs of main that must fail, started side by side: {case: (process, workdir, before)}."""
-  reference = main_runs.reference_workdir(tmp_path_factory)
+  """Runs of main that must fail: {case: (process, workdir, before)}.
+
+  Started with the module, side by side with the in-process tests and the shared reference
+  run; the tests at the end of the module check them. Each workdir holds an earlier result that
+  must survive. The adapt runs need no GMM (the density losses are off).
+  """
+  main_runs.start_reference(tmp_path_factory)
   root = tmp_path_factory.mktemp('failing')
   runs = {}
 
   def start(case, *args, wrap=lambda command: command):
-    workdir = main_runs.copy_stages(reference, str(root / case), ('fit_gmm',))
-    before = open(os.path.join(workdir, 'results.json')).read()
-    process = subprocess.Popen(wrap(main_runs.command(workdir, *args)), cwd=main_runs.ROOT,
-                               env=main_runs.ENV, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    runs[case] = (process, workdir, before)
+    workdir = root / case
+    os.makedirs(workdir)
+    before = '{"fit_gmm": {"iterations": 7}}'
+    (workdir / 'results.json').write_text(before)
+    process = main_runs.popen(wrap(main_runs.command(str(workdir), *args)))
+    runs[case] = (process, str(workdir), before)
 
+  no_gmm = ('--config.loss.lambda_bal_src=0', '--config.loss.lambda_bal_tgt=0')
   start('nonfinite', '--stage=adapt', '--config.optim.lr=1e30',
-        '--config.checkpoint_every_steps=1')
-  start('full disk', '--stage=adapt', '--config.checkpoint_every_steps=1',
+        '--config.checkpoint_every_steps=1', *no_gmm)
+  start('full disk', '--stage=adapt', '--config.checkpoint_every_steps=1', *no_gmm,
         wrap=lambda command: _limit_file_size(100, command))
-  # Another number of components: the copied fit_gmm is not complete, so it reads the data.
-  start('missing dataset', '--stage=fit_gmm', '--config.gmm.num_components=3',
-        '--config.data.toy=False', f'--config.data.source_dir={root}/nowhere')
+  start('missing dataset', '--stage=fit_gmm', '--config.data.toy=False',
+        f'--config.data.source_dir={root}/nowhere')
   return runs
 
 
@@ -265,7 +265,6 @@ def test_full_disk_is_one_line_and_keeps_earlier_results(failing_runs):
   _assert_one_line_error(completed, r'depthuda: error: cannot write .*/adapt/(checkpoints|best): '
                          r'File too large')
   assert open(os.path.join(workdir, 'results.json')).read() == before
-  assert os.path.exists(os.path.join(workdir, 'fit_gmm', 'gmm.json'))
 
 
 def test_missing_dataset_is_one_line_and_keeps_earlier_results(failing_runs, tmp_path):

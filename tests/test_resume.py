@@ -40,11 +40,11 @@ def test_killed_and_signalled_runs_log_what_an_uninterrupted_run_logs(tmp_path_f
                        killed)
   killed.kill()
   killed.wait()
-  saved = main_runs.checkpoint_steps(cut, 'adapt')
+  logged = max(m['step'] for m in main_runs.metrics(cut, 'adapt'))
 
-  stopped = main_runs.start(cut, '--stage=adapt')
-  main_runs.wait_until(lambda: max(main_runs.checkpoint_steps(cut, 'adapt'), default=0)
-                       > max(saved, default=0), stopped)
+  stopped = main_runs.start(cut, '--stage=adapt')  # signalled as soon as it logs a new step
+  main_runs.wait_until(lambda: any(m['step'] > logged for m in main_runs.metrics(cut, 'adapt')),
+                       stopped)
   stopped.send_signal(signal.SIGTERM)
   completed = main_runs.finish(stopped)
   assert completed.returncode == 128 + signal.SIGTERM, completed.stderr[-3000:]
@@ -52,7 +52,7 @@ def test_killed_and_signalled_runs_log_what_an_uninterrupted_run_logs(tmp_path_f
   (line,) = main_runs.error_lines(completed)
   step = int(re.fullmatch(r'depthuda: adapt: stopped by SIGTERM at step (\d+); checkpoint '
                           r'saved, rerun the same command to continue', line)[1])
-  assert main_runs.checkpoint_steps(cut, 'adapt')[-1] == step
+  assert main_runs.checkpoint_steps(cut, 'adapt')[-1] == step < 8
 
   completed = main_runs.run(cut, '--stage=adapt')
   assert completed.returncode == 0, completed.stderr[-3000:]

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthuda.models.resnet import CONV_INIT, CONV_INITS, resnet_trunk
+from depthuda.models.resnet import CONV_INIT, CONV_INITS, Conv1x1, resnet_trunk
 
 # PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1 (new = 0.9 * old + 0.1 * batch), which
 # is Flax's momentum 0.9.
@@ -26,8 +26,36 @@ ASPP_DILATIONS = (6, 12, 18, 24)
 HEADS = ('classifier', 'density_head', 'depth_head')
 
 
+class _ConvParams(nn.Module):
+  """The kernel [kh, kw, C_in, features] and bias of a conv, declared as `nn.Conv` declares them
+  (same names, order and initializers, hence the same initial values), not applied."""
+  features: int
+  kernel_size: tuple[int, int]
+  kernel_init: Callable = CONV_INIT
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, in_features, self.features),
+                        jnp.float32)
+    return kernel, self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+
+
+def _shift(x: jax.Array, rows: int, cols: int) -> jax.Array:
+  """out[:, r, c] = x[:, r + rows, c + cols], zero where that is outside x [B, h, w, C]."""
+  return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (-rows, rows, 0), (-cols, cols, 0), (0, 0, 0)))
+
+
 class ASPPClassifier(nn.Module):
-  """Sum of four 3x3 convs (bias) with dilation = padding = 6, 12, 18, 24 (`conv0`..`conv3`)."""
+  """Sum of four 3x3 convs (bias) with dilation = padding = 6, 12, 18, 24 (`conv0`..`conv3`).
+
+  Computed as one matrix product and shifted sums: every tap of every conv applied to every
+  cell at once (x [h*w, C_in] times the 36 taps' kernels [C_in, 36 * classes]), then each tap's
+  [h, w, classes] slice shifted by its offset (zeros outside, as the convs' padding) and added.
+  The same sums in another order; the gradients are matrix products too. XLA's CPU backend ran
+  the dilated convs' kernel gradients at 4 GFLOP/s, which made the classifier 11% of a
+  ResNet-101 step; this form is 3.4x faster there.
+  """
   num_classes: int
   dtype: Any = jnp.float32
   kernel_init: Callable = CONV_INIT
@@ -35,11 +63,26 @@ class ASPPClassifier(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, h, w, C_in] -> logits [B, h, w, num_classes]."""
-    return sum(
-        nn.Conv(self.num_classes, (3, 3), padding=((d, d), (d, d)), kernel_dilation=d,
-                kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=jnp.float32,
-                name=f'conv{i}')(x)
-        for i, d in enumerate(ASPP_DILATIONS))
+    _, h, w, c_in = x.shape
+    k = self.num_classes
+    convs = [_ConvParams(k, (3, 3), self.kernel_init, name=f'conv{i}')(c_in)
+             for i in range(len(ASPP_DILATIONS))]
+    # [3, 3, C_in, k] per conv -> columns (conv, tap row, tap column, class).
+    kernels = jnp.concatenate([kernel.transpose(2, 0, 1, 3).reshape(c_in, 9 * k)
+                               for kernel, _ in convs], axis=1)
+    bias = sum(b for _, b in convs)
+    x, kernels, bias = nn.dtypes.promote_dtype(x, kernels, bias, dtype=self.dtype)
+    taps = jax.lax.dot_general(x, kernels, (((3,), (0,)), ((), ())))
+    logits = bias
+    for i, d in enumerate(ASPP_DILATIONS):
+      for row in range(3):
+        for col in range(3):
+          dr, dc = (row - 1) * d, (col - 1) * d
+          if abs(dr) >= h or abs(dc) >= w:
+            continue  # The tap reads only padding.
+          start = ((i * 3 + row) * 3 + col) * k
+          logits = logits + _shift(taps[..., start:start + k], dr, dc)
+    return logits
 
 
 class RegressionHead(nn.Module):
@@ -56,9 +99,11 @@ class RegressionHead(nn.Module):
     """[B, h, w, C_in] -> [B, h, w, 1] float32."""
     conv = functools.partial(nn.Conv, kernel_init=self.kernel_init, dtype=self.dtype,
                              param_dtype=jnp.float32)
-    x = nn.relu(conv(8 * self.width, (1, 1), padding='VALID', name='conv1')(x))
+    conv1x1 = functools.partial(Conv1x1, use_bias=True, kernel_init=self.kernel_init,
+                                dtype=self.dtype)
+    x = nn.relu(conv1x1(8 * self.width, name='conv1')(x))
     x = nn.relu(conv(8 * self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(x))
-    x = conv(2 * self.width, (1, 1), padding='VALID', name='conv3')(x)
+    x = conv1x1(2 * self.width, name='conv3')(x)
     return jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True)
 
 

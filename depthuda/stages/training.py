@@ -125,6 +125,16 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
     raise InputError(str(e)) from None
   seg, disc = train.build_models(config)
   ckpts = checkpointing.StageCheckpoints(stage_dir, keep=config.keep_checkpoints, resume=True)
+  try:
+    return _train(stage, config, workdir, batches, mesh, seg, disc, ckpts)
+  finally:
+    ckpts.close()  # waits for the last save
+
+
+def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
+           batches: Callable[[int], Iterator[dict]], mesh, seg, disc,
+           ckpts: checkpointing.StageCheckpoints) -> dict:
+  stage_dir, num_steps = ckpts.directory, config[stage].num_steps
   resuming = ckpts.latest_step() is not None
   # A resumed run overwrites the initial variables: it needs no `init_from` any more.
   state, seg_tx, disc_tx = train.init_state(
@@ -136,6 +146,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
   else:
     ckpts.discard_best_after(0)
   start = int(meta['step'])
+  if start > num_steps:
+    raise InputError(f'{stage}: the checkpoints in {stage_dir} are at step {start}, beyond '
+                     f'{stage}.num_steps={num_steps}; raise it or use another --workdir')
 
   if stage == 'adapt':
     needs_gmm = config.loss.lambda_bal_src > 0 or config.loss.lambda_bal_tgt > 0
@@ -190,10 +203,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
                             stop.signum)
   finally:
     bar.close()
-    try:
-      ckpts.close()
-    finally:
-      log.close()
+    log.close()
   entry = {'steps': num_steps, 'best_miou': meta['best_miou'], 'best_step': meta['best_step']}
   if config.nonfinite == 'skip':
     entry['skipped_steps'] = meta.get('skipped_steps', 0)
