@@ -201,8 +201,10 @@ def load_variables(directory: str, abstract_variables: Any | None = None) -> Any
   """Inverse of `save_variables`; a one-line error if nothing is there."""
   path = os.path.join(os.path.abspath(directory), 'variables')
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'no converted checkpoint at {path} (write one with '
-                            f'`python -m depthuda.convert --torch_checkpoint=IN.pth --output={directory}`)')
+    raise FileNotFoundError(
+        f'no converted checkpoint at {path}; download DeepLab_resnet_pretrained_imagenet.pth '
+        '(linked from the original authors\' repository) or use one of their trained checkpoints, '
+        f'and convert it: python -m depthuda.convert --torch_checkpoint=IN.pth --output={directory}')
   target = (None if abstract_variables is None else
             jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables))
   return ocp.StandardCheckpointer().restore(path, target)

@@ -121,8 +121,30 @@ def copy_stages(source: str, dest: str, stages: tuple[str, ...]) -> str:
 _reference = {}
 
 
+def prepare_test_data() -> None:
+  """Generates and prepares the test config's toy datasets (once), before runs share them.
+
+  Runs started side by side would otherwise all find the data absent; and tests that read the
+  generated files directly need them whatever ran before.
+  """
+  if _reference.get('data_ready'):
+    return
+  from configs import test as test_config
+  from depthuda.data import pipeline
+  config = test_config.get_config()
+  cwd = os.getcwd()
+  os.chdir(ROOT)  # The config's data paths are relative to the repository root.
+  try:
+    next(iter(pipeline.source_grid_points(config)))
+    next(iter(pipeline.target_val(config)))
+  finally:
+    os.chdir(cwd)
+  _reference['data_ready'] = True
+
+
 def start_reference(tmp_path_factory) -> None:
   """Starts the reference run of `--stage=all` in the background, once per test session."""
+  prepare_test_data()
   if 'process' not in _reference:
     workdir = str(tmp_path_factory.mktemp('reference'))
     _reference.update(workdir=workdir, process=start(workdir))

@@ -128,6 +128,7 @@ def _zip_without(source, dest, drop):
      r'leftImg8bit/train/.*000001_000019_leftImg8bit.png in .* has no label')])
 def test_bad_cityscapes_zips_name_the_file(drop, message, tmp_path):
   """A missing split and an image without its label, found before TFDS prepares anything."""
+  main_runs.prepare_test_data()
   target = tmp_path / 'cityscapes'
   os.makedirs(target)
   for name in cityscapes.ZIPS:
