@@ -50,6 +50,12 @@ def poly_schedule(base_lr: float, power: float, horizon: int) -> optax.Schedule:
   return optax.polynomial_schedule(base_lr, 0.0, power, horizon)
 
 
+def _segmenter_lr(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The segmenter's learning rate at `step`, for logging."""
+  o = config.optim
+  return poly_schedule(o.lr, o.poly_power, o.poly_horizon)(step)
+
+
 def segmenter_optimizer(config: ml_collections.ConfigDict, frozen: Any) -> optax.GradientTransformation:
   """SGD with momentum and L2 added to the gradient (PyTorch's weight_decay), one lr for all.
 
@@ -169,7 +175,7 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
       terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
     else:
       terms['loss_bal_src'] = jnp.zeros(())
-    aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s))}
+    aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s))} if use_disc else {}
     if use_target:
       (seg_t, dens_t, dep_t), stats = _forward(seg, params, stats, tgt['image'], train_bn)
       seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
@@ -179,12 +185,14 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
         terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
       else:
         terms['loss_bal_tgt'] = jnp.zeros(())
-      d_tgt = disc_input(seg_t, dens_t)
-      aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
-      # D's parameters are read, not differentiated: `params` is the only argument of grad.
-      terms['loss_adv'] = (
-          losses.bce_with_logits(disc.apply(state.disc_params, d_tgt), 0.0, axis_name)
-          if use_disc else jnp.zeros(()))
+      if use_disc:
+        d_tgt = disc_input(seg_t, dens_t)
+        aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
+        # D's parameters are read, not differentiated: `params` is the only argument of grad.
+        terms['loss_adv'] = losses.bce_with_logits(disc.apply(state.disc_params, d_tgt), 0.0,
+                                                   axis_name)
+      else:
+        terms['loss_adv'] = jnp.zeros(())
     else:
       terms['loss_bal_tgt'] = terms['loss_adv'] = jnp.zeros(())
     total = (lam.lambda_seg * terms['loss_seg'] + lam.lambda_depth * terms['loss_depth']
@@ -216,8 +224,7 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
     d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, disc_params)
     disc_params = optax.apply_updates(disc_params, d_updates)
 
-  metrics['lr'] = poly_schedule(config.optim.lr, config.optim.poly_power,
-                                config.optim.poly_horizon)(state.step)
+  metrics['lr'] = _segmenter_lr(config, state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state, disc_params=disc_params,
                             disc_opt_state=disc_opt_state)
@@ -245,8 +252,7 @@ def self_train_step(state: TrainState, batch: dict, *, seg: nn.Module, seg_tx,
     new_stats = jax.lax.pmean(new_stats, axis_name)
   updates, opt_state = seg_tx.update(grads, state.opt_state, state.params)
   metrics = {'loss_seg': loss, 'loss': loss,
-             'lr': poly_schedule(config.optim.lr, config.optim.poly_power,
-                                 config.optim.poly_horizon)(state.step)}
+             'lr': _segmenter_lr(config, state.step)}
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=new_stats, opt_state=opt_state)
   new_state, metrics['nonfinite'] = _guard_nonfinite(config, state, new_state, metrics, grads)
