@@ -287,3 +287,31 @@ def test_unwritable_workdir(tmp_path):
     completed = main_runs.run(str(tmp_path / 'readonly'), '--stage=fit_gmm')
     _assert_one_line_error(completed, r'depthuda: error: --workdir=.*/readonly is not writable '
                            r'\(Permission denied\)')
+
+
+def test_cityscapes_label_id_outside_the_map_names_the_file(tmp_path):
+  """A labelIds PNG with an id Cityscapes does not define fails in tf.data, naming the file."""
+  main_runs.prepare_test_data()
+  target = tmp_path / 'cityscapes'
+  os.makedirs(target)
+  images, labels_zip = (os.path.join(main_runs.ROOT, 'data', 'test', 'cityscapes', name)
+                        for name in cityscapes.ZIPS)
+  shutil.copy(images, target / cityscapes.ZIPS[0])
+  with zipfile.ZipFile(labels_zip) as old, zipfile.ZipFile(target / cityscapes.ZIPS[1], 'w') as new:
+    val_labels = sorted(n for n in old.namelist()
+                        if n.startswith('gtFine/val/') and n.endswith('_labelIds.png'))
+    bad = val_labels[-1]
+    for item in old.infolist():
+      data = old.read(item.filename)
+      if item.filename == bad:
+        label = np.array(Image.open(io.BytesIO(data)))
+        label[-1, -1] = 40  # one pixel is enough
+        data = _png(label)
+      new.writestr(item, data)
+  config = test_config.get_config()
+  config.data.target_dir = str(target)
+  config.data.tfds_dir = str(tmp_path / 'tfds')
+  config.data.toy = False
+  name = os.path.basename(bad)
+  with pytest.raises(InputError, match=re.escape(name) + r'.*label id 40 is outside the ids the dataset defines'):
+    list(pipeline.target_val(config))

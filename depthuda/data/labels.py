@@ -72,6 +72,12 @@ CITYSCAPES_TO_7 = _table(_groups([
     ((7, 8), 0), ((11, 12, 13), 1), ((17, 19, 20), 2), ((21, 22), 3),
     ((23,), 4), ((24, 25), 5), (range(26, 34), 6)]))
 
+# The ids a Cityscapes labelIds PNG may hold: 0 (unlabeled) ... 33 (bicycle). License plates
+# (id -1) are drawn as 255 by some conversion tools; both map to ignore.
+CITYSCAPES_IDS = np.zeros((256,), bool)
+CITYSCAPES_IDS[:34] = CITYSCAPES_IDS[255] = True
+CITYSCAPES_IDS.setflags(write=False)
+
 # Mapillary Vistas v1.2 labels in the order of its config.json: a label PNG's pixel value is
 # the index into this tuple.
 MAPILLARY_LABELS = (

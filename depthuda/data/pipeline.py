@@ -125,7 +125,8 @@ def _target(config: ml_collections.ConfigDict) -> _Target:
     return _Target(
         examples=lambda split, drop: _tfds_examples(builder, _CITYSCAPES_SPLITS[split], drop),
         image=lambda ex: (decode_image(ex['image_left'], size), tf.constant(_hw(size))),
-        label=lambda ex, table: decode_label(ex['segmentation_label'], data.label_size, table),
+        label=lambda ex, table: decode_label(ex['segmentation_label'], data.label_size, table,
+                                               labels.CITYSCAPES_IDS),
         name=lambda ex: ex['image_id'])
   if data.target == 'mapillary':
     mapillary.check_label_names(data.target_dir)
@@ -199,9 +200,23 @@ def decode_image(png: tf.Tensor, size) -> tf.Tensor:
   return image[..., ::-1] - labels.MEAN_BGR
 
 
-def decode_label(png: tf.Tensor, size, table: np.ndarray | None) -> tf.Tensor:
-  """1-channel 8-bit PNG -> int32 [H, W], nearest-resized, mapped through `table`."""
-  label = tf.image.resize(tf.io.decode_png(png, channels=1), _hw(size), method='nearest')
+def decode_label(png: tf.Tensor, size, table: np.ndarray | None,
+                 valid_ids: np.ndarray | None = None) -> tf.Tensor:
+  """1-channel 8-bit PNG -> int32 [H, W], nearest-resized, mapped through `table`.
+
+  With `valid_ids` (a [256] bool table), a label holding any other id fails with an error that
+  names the first such id (checked before resizing, so no pixel escapes the check).
+  """
+  label = tf.io.decode_png(png, channels=1)
+  if valid_ids is not None:
+    ids = tf.cast(label[..., 0], tf.int32)
+    bad = tf.logical_not(tf.gather(tf.constant(valid_ids), ids))
+    first = tf.gather_nd(ids, tf.where(bad)[:1])
+    check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)),
+                                ['label id', first, 'is outside the ids the dataset defines'])
+    with tf.control_dependencies([check]):
+      label = tf.identity(label)
+  label = tf.image.resize(label, _hw(size), method='nearest')
   label = tf.cast(label[..., 0], tf.int32)
   return label if table is None else tf.gather(tf.constant(table, tf.int32), label)
 
@@ -274,7 +289,11 @@ def _example_file(config: ml_collections.ConfigDict, example: dict, key: str | N
 
 def _tf_message(error: Exception) -> str:
   """The first line of a TensorFlow error, without its op and function decorations."""
-  message = str(getattr(error, 'message', error)).strip().splitlines()[0]
+  message = str(getattr(error, 'message', error)).strip()
+  if 'Summarized data: ' in message:  # a failed tf.debugging.Assert: its data is the message
+    parts = message.split('Summarized data: ', 1)[1].splitlines()
+    return ' '.join(re.sub(r"^b'(.*)'$", r'\1', part.strip()) for part in parts)
+  message = message.splitlines()[0]
   message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message)
   return re.sub(r'\s*\[(Op:|\[).*$', '', message)
 
@@ -298,7 +317,9 @@ def _find_bad_file(examples: tf.data.Dataset, decode: Callable,
                            expand_animations=False)
       except tf.errors.OpError as e:
         return f'{file_of(example, key)}: cannot decode the image ({_tf_message(e)})'
-    return f'{file_of(example, None)}: {error}'
+    # A label id check failed (decode_label): the label file is the one to name.
+    key = next((k for k in example if 'label' in k), None) if 'label id' in error else None
+    return f'{file_of(example, key)}: {error}'
   return None
 
 
