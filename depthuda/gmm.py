@@ -339,13 +339,45 @@ def _pieces(points, mask, size: int):
     yield np.pad(p, [(0, 0)] * (p.ndim - 2) + [(0, pad), (0, 0)]), np.pad(m, [(0, 0), (0, pad)])
 
 
+@flax.struct.dataclass
+class EMState:
+  """Where `fit_streaming` stands after `iteration` EM iterations (numpy values).
+
+  params are in the per-class standardised frame, which `fit_streaming` derives again from
+  (init_points, init_mask, seed): continuing from an EMState gives exactly the result of an
+  uninterrupted fit.
+  """
+  iteration: int
+  params: GMMParams
+  prev_loglik: np.ndarray  # [C] mean log-likelihood of the last iteration a class was active
+  num_iters: np.ndarray    # [C] int32
+  converged: np.ndarray    # [C] bool
+  counts: np.ndarray       # [C] points per class in the stream
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    """Flat numpy arrays, e.g. for `np.savez`; inverse of `from_arrays`."""
+    return {'iteration': np.asarray(self.iteration), 'weights': np.asarray(self.params.weights),
+            'means': np.asarray(self.params.means),
+            'variances': np.asarray(self.params.variances), 'prev_loglik': self.prev_loglik,
+            'num_iters': self.num_iters, 'converged': self.converged, 'counts': self.counts}
+
+  @classmethod
+  def from_arrays(cls, arrays) -> EMState:
+    return cls(int(arrays['iteration']),
+               GMMParams(*(jnp.asarray(arrays[k]) for k in ('weights', 'means', 'variances'))),
+               *(np.asarray(arrays[k]) for k in ('prev_loglik', 'num_iters', 'converged',
+                                                 'counts')))
+
+
 def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
                   init_points: jax.Array, init_mask: jax.Array, num_components: int = 5,
                   seed: int = 0, max_iters: int = 100, tol: float = 1e-3,
                   var_floor: float = 1e-6,
                   reduce_fn: Callable[[SufficientStats], SufficientStats] | None = None, *,
                   kmeans_iters: int = 10, chunk_size: int = 8192,
-                  progress: Callable[[int, float], None] | None = None
+                  progress: Callable[[int, float], None] | None = None,
+                  resume: EMState | None = None,
+                  on_iteration: Callable[[EMState], None] | None = None
                   ) -> tuple[GMMParams, dict]:
   """EM whose every iteration streams the data: for point sets too large for one array.
 
@@ -360,6 +392,9 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
     reduce_fn: applied to this process's summed SufficientStats once per iteration; must return
       the global sum, identical on every process (default: identity, one process).
     progress: called after each iteration as progress(iteration, mean_log_likelihood).
+    resume: an EMState that `on_iteration` received from an earlier call with the same data,
+      initial sample and arguments: EM continues from there (identical result to not stopping).
+    on_iteration: called with the EMState after every iteration (e.g. to save it).
     Other arguments as in `fit`.
   Returns:
     (GMMParams in the original coordinates, info dict as in `fit`, numpy values).
@@ -372,7 +407,18 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
   prev = np.full(counts.shape, -np.inf)
   num_iters = np.zeros(counts.shape, np.int32)
   converged = counts == 0
-  for step in range(max_iters):
+  first = 0
+  if resume is not None:
+    if resume.params.means.shape != params.means.shape:
+      raise ValueError(f'fit_streaming: the EM state to resume has means of shape '
+                       f'{resume.params.means.shape}, expected {params.means.shape}')
+    first, params = resume.iteration, resume.params
+    prev, num_iters, converged, counts = (np.asarray(a) for a in (
+        resume.prev_loglik, resume.num_iters, resume.converged, resume.counts))
+    if converged.all() or first >= max_iters:
+      info = jax.tree.map(np.asarray, _info(num_iters, converged, prev, counts, frame))
+      return _to_original(frame, params, jnp.asarray(counts)), info
+  for step in range(first, max_iters):
     stats = None
     for points, mask in chunks():
       for p, m in _pieces(points, mask, chunk_size):
@@ -390,6 +436,9 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
     converged = converged | (np.abs(loglik - prev) < tol)
     prev = np.where(active, loglik, prev)
     num_iters += active
+    if on_iteration is not None:
+      on_iteration(EMState(step + 1, jax.device_get(params), prev.copy(), num_iters.copy(),
+                           converged.copy(), counts.copy()))
     if progress is not None:
       info = _info(num_iters, converged, prev, counts, frame)
       progress(step + 1, float(info['mean_log_likelihood']))

@@ -89,6 +89,34 @@ def test_fit_streaming_equals_fit():
   assert abs(seen[-1][1] - float(info['mean_log_likelihood'])) < 1e-6
 
 
+def test_fit_streaming_resumed_equals_uninterrupted():
+  """EM cut off after 3 iterations and continued from the EMState (through its numpy arrays,
+  as the fit_gmm stage stores it) ends exactly where an uninterrupted fit ends."""
+  # One broad Gaussian per class fitted with K components: EM takes many small steps.
+  rng = np.random.default_rng(3)
+  points = (rng.standard_normal((3, 1200, 3)) * [40, 25, 90] + [80, 48, 150]).astype(np.float32)
+  mask = np.ones((3, 1200), bool)
+  chunks = lambda: [(points[:, :700], mask[:, :700]), (points[:, 700:], mask[:, 700:])]
+  states = []
+  expected, expected_info = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=2,
+                                              tol=1e-6, max_iters=30,
+                                              on_iteration=states.append)
+  assert [s.iteration for s in states] == list(range(1, int(expected_info['iterations']) + 1))
+  assert int(expected_info['iterations']) > 4
+  saved = gmm.EMState.from_arrays({k: np.copy(v) for k, v in states[2].to_arrays().items()})
+  later = []
+  params, info = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=2, tol=1e-6,
+                                   max_iters=30, resume=saved, on_iteration=later.append)
+  assert later[0].iteration == 4
+  jax.tree.map(np.testing.assert_array_equal, params, expected)
+  jax.tree.map(np.testing.assert_array_equal, info, expected_info)
+  # Resuming from the last state returns the same fit without another iteration.
+  final, _ = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=2, tol=1e-6,
+                               max_iters=30, resume=states[-1],
+                               on_iteration=lambda s: pytest.fail('iterated again'))
+  jax.tree.map(np.testing.assert_array_equal, final, expected)
+
+
 def test_fit_streaming_on_shared_grid_points():
   """Chunks of grid cells shared by all classes (class_points) give the per-class fit."""
   rng = np.random.default_rng(4)

@@ -143,19 +143,35 @@ def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
   fit_gmm.run(config, str(tmp_path / 'clean'))
   expected = _read(tmp_path / 'clean' / 'fit_gmm' / 'gmm.json')
 
-  def killed(*args, **kwargs):
-    raise _Killed
+  fit_streaming = gmm.fit_streaming
+  iterations = []
+
+  def killed_after_two(*args, **kwargs):  # killed during EM, after its second iteration
+    def progress(step, loglik):
+      iterations.append(step)
+      if step == 2:
+        raise _Killed
+    return fit_streaming(*args, **{**kwargs, 'progress': progress})
 
   workdir = str(tmp_path / 'cut')
   with monkeypatch.context() as patch:
-    patch.setattr(gmm, 'fit_streaming', killed)  # killed during EM
+    patch.setattr(gmm, 'fit_streaming', killed_after_two)
     with pytest.raises(_Killed):
       fit_gmm.run(config, workdir)
   assert not fit_gmm.is_complete(config, workdir)
   monkeypatch.setattr(fit_gmm, 'collect_grid', lambda *a: pytest.fail('scanned again'))
+
+  def counting(*args, **kwargs):
+    progress = kwargs['progress']
+    return fit_streaming(*args, **{**kwargs, 'progress': lambda *a: (iterations.append(a[0]),
+                                                                     progress(*a))})
+
+  monkeypatch.setattr(gmm, 'fit_streaming', counting)
   entry = fit_gmm.run(config, workdir)
+  assert iterations[:3] == [1, 2, 3]  # EM went on from iteration 2, not from the start
   assert _read(os.path.join(workdir, 'fit_gmm', 'gmm.json')) == expected
-  assert os.listdir(os.path.join(workdir, 'fit_gmm')) == ['gmm.json']  # the scan cache is gone
+  # The scan cache and the EM state are gone.
+  assert os.listdir(os.path.join(workdir, 'fit_gmm')) == ['gmm.json']
   reporting.update_results(workdir, 'fit_gmm', entry)
   assert fit_gmm.is_complete(config, workdir)
   config.gmm.num_components = 3

@@ -6,9 +6,10 @@ of class c gives a point (x = column, y = row, z = inverse depth). The grid is k
 source set never exist as one array. The result, `fit_gmm/gmm.json`, is human-readable and also
 holds the per-class source pixel counts that set the pseudo-label region sizes (METHOD §6).
 
-The scanned grid is kept in `fit_gmm/grid.*.npz` until the GMMs are written, so a run cut off
-during EM does not read the source set again; EM itself is deterministic given the grid and the
-seed, so the resumed run writes the GMMs an uninterrupted run would.
+The scanned grid is kept in `fit_gmm/grid.*.npz` and the EM state after every iteration in
+`fit_gmm/em_state.npz` until the GMMs are written: a run cut off during EM reads neither the
+source set nor repeats the finished iterations, and (EM being deterministic given the grid and
+the seed) writes the GMMs an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -115,6 +116,42 @@ def _points(classes: np.ndarray, depths: np.ndarray, num_classes: int,
   return points, mask
 
 
+def _em_state_path(workdir: str) -> str:
+  return os.path.join(workdir, 'fit_gmm', 'em_state.npz')
+
+
+def _em_key(config: ml_collections.ConfigDict, counts: np.ndarray) -> str:
+  """What an EM state depends on: a saved state with another key is not resumed."""
+  g = config.gmm
+  return json.dumps({'source_dir': os.path.abspath(config.data.source_dir),
+                     'input_size': list(config.data.input_size), 'seed': config.seed,
+                     'num_classes': config.data.num_classes, 'num_components': g.num_components,
+                     'tol': g.tol, 'var_floor': g.var_floor,
+                     'pixel_counts': np.asarray(counts).tolist()}, sort_keys=True)
+
+
+def _load_em_state(workdir: str, key: str) -> gmm.EMState | None:
+  try:
+    with np.load(_em_state_path(workdir)) as saved:
+      if str(saved['key']) == key:
+        return gmm.EMState.from_arrays(saved)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    pass  # none, or unreadable (cut off while written): start EM afresh
+  return None
+
+
+def _save_em_state(workdir: str, key: str, state: gmm.EMState) -> None:
+  if not reporting.is_writer():
+    return
+  path = _em_state_path(workdir)
+  tmp = path + '.tmp.npz'
+  try:  # Only saves time on a rerun: a full disk should not stop the fit.
+    np.savez(tmp, key=np.array(key), **state.to_arrays())
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning('fit_gmm: could not keep the EM state in %s (%s)', path, e)
+
+
 def _sum_over_processes(stats):
   if jax.process_count() == 1:
     return stats
@@ -134,11 +171,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       yield _points(classes[i:i + _CHUNK_IMAGES], depths[i:i + _CHUNK_IMAGES], num_classes)
 
   g = config.gmm
-  bar = reporting.progress(total=g.max_iters, desc='fit_gmm: EM', unit='iter')
+  key = _em_key(config, counts)
+  resume = _load_em_state(workdir, key)
+  if jax.process_count() > 1:  # every process resumes from the same iteration, or none does
+    seen = multihost_utils.process_allgather(np.int32(resume.iteration if resume else -1))
+    resume = resume if len(set(np.asarray(seen).tolist())) == 1 else None
+  if resume is not None and reporting.is_writer():
+    print(f'fit_gmm: continuing EM after iteration {resume.iteration}')
+  bar = reporting.progress(total=g.max_iters, initial=resume.iteration if resume else 0,
+                           desc='fit_gmm: EM', unit='iter')
   params, info = gmm.fit_streaming(
       chunks, init_points, init_mask, num_components=g.num_components, seed=config.seed,
       max_iters=g.max_iters, tol=g.tol, var_floor=g.var_floor, reduce_fn=_sum_over_processes,
-      progress=lambda *_: bar.update(1))
+      progress=lambda *_: bar.update(1), resume=resume,
+      on_iteration=lambda state: _save_em_state(workdir, key, state))
   bar.close()
   names = label_lib.class_names(num_classes)
   num_points = np.bincount(classes.ravel()[classes.ravel() < num_classes], minlength=num_classes)
@@ -158,8 +204,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'mean_log_likelihood': float(info['mean_log_likelihood']),
   }
   reporting.write_json(os.path.join(workdir, 'fit_gmm', 'gmm.json'), record)
-  if os.path.exists(_grid_cache(workdir)):
-    os.remove(_grid_cache(workdir))
+  for path in (_grid_cache(workdir), _em_state_path(workdir)):
+    if os.path.exists(path) and (path != _em_state_path(workdir) or reporting.is_writer()):
+      os.remove(path)
   if reporting.is_writer():
     print(summary(record))
   return {'iterations': record['iterations'],
