@@ -198,3 +198,29 @@ def test_degenerate_and_empty_classes():
 def test_fit_rejects_empty_point_axis():
   with pytest.raises(ValueError, match='N > 0'):
     gmm.fit(np.zeros((2, 0, 3), np.float32), np.zeros((2, 0), bool))
+
+
+def test_initial_sample_does_not_depend_on_the_split_over_processes():
+  """Two processes' offers, concatenated, give the sample one process takes from all images;
+  it is spread over the images and classes, and capped per class."""
+  from depthuda.stages import fit_gmm
+  rng = np.random.default_rng(0)
+  classes = rng.integers(0, 4, (6, 5, 7)).astype(np.uint8)
+  classes[:, 0] = 255  # ignored cells are never sampled
+  depths = rng.uniform(1, 300, classes.shape).astype(np.float16)
+  whole = fit_gmm.init_sample(classes, depths, 3, 0, seed=1, per_class=20)
+  offers = [fit_gmm.sample_candidates(classes[lo:hi], depths[lo:hi], 3, lo, 1, 20)
+            for lo, hi in ((0, 2), (2, 6))]
+  split = fit_gmm.choose_sample(*(np.concatenate(parts, 1) for parts in zip(*offers)), 20)
+  for a, b in zip(whole, split):
+    np.testing.assert_array_equal(a, b)
+  points, mask = whole
+  assert mask.sum(1).tolist() == [20, 20, 20]
+  for c in range(3):  # every sampled point is a real cell of its class, no cell twice
+    found = {(int(xx), int(yy), float(zz)) for xx, yy, zz in points[c]}
+    assert len(found) == 20
+    cells = {(xx, yy, float(depths[i, yy, xx])) for i in range(6) for yy in range(5)
+             for xx in range(7) if classes[i, yy, xx] == c}
+    assert found <= cells
+  other = fit_gmm.init_sample(classes, depths, 3, 0, seed=2, per_class=20)
+  assert not np.array_equal(other[0], whole[0])  # the seed matters

@@ -93,27 +93,89 @@ def cached_grid(config: ml_collections.ConfigDict, workdir: str
   return classes, depths, counts
 
 
-def _points(classes: np.ndarray, depths: np.ndarray, num_classes: int,
-            max_per_class: int | None = None, rng: np.random.Generator | None = None):
-  """Grid cells -> padded per-class points [C,N,3] and mask [C,N]."""
+def _xyz(classes: np.ndarray, depths: np.ndarray) -> np.ndarray:
+  """[n*h*w, 3] (column, row, inverse depth) of every grid cell."""
   n, h, w = classes.shape
   ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
                        indexing='ij')
-  xyz = np.stack([np.broadcast_to(xs, (n, h, w)), np.broadcast_to(ys, (n, h, w)),
-                  depths.astype(np.float32)], -1).reshape(-1, 3)
-  flat = classes.reshape(-1)
-  per_class = []
+  return np.stack([np.broadcast_to(xs, (n, h, w)), np.broadcast_to(ys, (n, h, w)),
+                   depths.astype(np.float32)], -1).reshape(-1, 3)
+
+
+def _pad(per_class: list[np.ndarray], size: int | None = None, dtype=np.float32):
+  """Per-class arrays [n_c, ...] -> one zero-padded [C, size, ...] array and its mask [C, size]."""
+  size = size or max(1, max(len(p) for p in per_class))
+  out = np.zeros((len(per_class), size, *per_class[0].shape[1:]), dtype)
+  mask = np.zeros((len(per_class), size), bool)
+  for c, p in enumerate(per_class):
+    out[c, :len(p)], mask[c, :len(p)] = p, True
+  return out, mask
+
+
+def _points(classes: np.ndarray, depths: np.ndarray, num_classes: int):
+  """Grid cells -> padded per-class points [C,N,3] and mask [C,N]."""
+  xyz, flat = _xyz(classes, depths), classes.reshape(-1)
+  return _pad([xyz[flat == c] for c in range(num_classes)])
+
+
+def _cell_keys(cells: np.ndarray, seed: int) -> np.ndarray:
+  """A pseudo-random uint32 per global cell index (SplitMix64's finaliser, top 32 bits)."""
+  with np.errstate(over='ignore'):
+    z = cells.astype(np.uint64) + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+  return (z >> np.uint64(32)).astype(np.uint32)
+
+
+def _smallest(keys: np.ndarray, cells: np.ndarray, count: int) -> np.ndarray:
+  """Indices of the `count` smallest (key, cell) pairs, in that order."""
+  return np.lexsort((cells, keys))[:count]
+
+
+def sample_candidates(classes: np.ndarray, depths: np.ndarray, num_classes: int,
+                      first_image: int, seed: int, per_class: int) -> tuple[np.ndarray, ...]:
+  """This process's offer for the EM's initial sample: per class, its `per_class` cells with the
+  smallest pseudo-random keys of their global index (this process holds images first_image,
+  first_image + 1, ...). Returns points [C, M, 3], mask [C, M], cell ids and keys [C, M]."""
+  n, h, w = classes.shape
+  xyz, flat = _xyz(classes, depths), classes.reshape(-1)
+  cells = np.int64(first_image) * h * w + np.arange(n * h * w, dtype=np.int64)
+  keys = _cell_keys(cells, seed)
+  picked = []
   for c in range(num_classes):
     idx = np.flatnonzero(flat == c)
-    if max_per_class is not None and idx.size > max_per_class:
-      idx = rng.choice(idx, max_per_class, replace=False)
-    per_class.append(xyz[idx])
-  size = max(1, max(len(p) for p in per_class))
-  points = np.zeros((num_classes, size, 3), np.float32)
-  mask = np.zeros((num_classes, size), bool)
-  for c, p in enumerate(per_class):
-    points[c, :len(p)], mask[c, :len(p)] = p, True
-  return points, mask
+    picked.append(idx[_smallest(keys[idx], cells[idx], per_class)])
+  points, mask = _pad([xyz[i] for i in picked], per_class)
+  cell_ids, _ = _pad([cells[i].astype(np.int32) for i in picked], per_class, np.int32)
+  key_ids, _ = _pad([keys[i] for i in picked], per_class, np.uint32)
+  return points, mask, cell_ids, key_ids
+
+
+def choose_sample(points, mask, cell_ids, key_ids, per_class: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """From candidates [C, N, ...] (several processes' offers, concatenated along N), the
+  `per_class` with the smallest keys per class, in key order: points [C, M, 3], mask [C, M]."""
+  chosen = []
+  for c in range(points.shape[0]):
+    valid = np.flatnonzero(mask[c])
+    chosen.append(points[c, valid[_smallest(key_ids[c, valid], cell_ids[c, valid], per_class)]])
+  return _pad(chosen)
+
+
+def init_sample(classes: np.ndarray, depths: np.ndarray, num_classes: int, first_image: int,
+                seed: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+  """The EM's initial sample: per class, the `per_class` cells of the whole source set with the
+  smallest pseudo-random keys of their global index, as points [C, M, 3] and mask [C, M].
+
+  It depends only on the data and the seed, not on how the source set is split over processes:
+  every process offers candidates, and all choose the same ones from the gathered offers.
+  """
+  offer = sample_candidates(classes, depths, num_classes, first_image, seed, per_class)
+  if jax.process_count() > 1:  # [P, C, M, ...] -> [C, P * M, ...]
+    offer = [np.concatenate(list(np.asarray(multihost_utils.process_allgather(x))), 1)
+             for x in offer]
+  return choose_sample(*offer, per_class)
 
 
 def _em_state_path(workdir: str) -> str:
@@ -163,8 +225,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   classes, depths, counts = cached_grid(config, workdir)
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
-  rng = np.random.default_rng(config.seed)
-  init_points, init_mask = _points(classes, depths, num_classes, _INIT_POINTS_PER_CLASS, rng)
+  first_image = 0
+  if jax.process_count() > 1:
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(classes))))
+    first_image = int(sizes[:jax.process_index()].sum())
+  init_points, init_mask = init_sample(classes, depths, num_classes, first_image, config.seed,
+                                       _INIT_POINTS_PER_CLASS)
 
   def chunks():
     for i in range(0, len(classes), _CHUNK_IMAGES):

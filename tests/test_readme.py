@@ -1,0 +1,137 @@
+"""Every command README.md shows names real modules, flags, config fields, files and targets;
+the commands that need no dataset or GPU run here (the rest run in `make demo` and the tests
+named in `_RUN_BY`)."""
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests import main_runs
+
+README = os.path.join(main_runs.ROOT, 'README.md')
+# Where the README's `python -m depthuda.X` commands are run, for the record (checked to exist).
+_RUN_BY = {'depthuda.main': ('Makefile', 'tests/test_main.py'),
+           'depthuda.predict': ('tests/test_predict.py',),
+           'depthuda.convert': ('tests/test_convert.py',)}
+
+
+def _commands() -> list[str]:
+  """The shell commands in README's code blocks, continuation lines joined, comments dropped."""
+  with open(README) as f:
+    blocks = re.findall(r'^```\n(.*?)^```', f.read(), flags=re.S | re.M)
+  commands = []
+  for block in blocks:
+    for line in block.replace('\\\n', ' ').splitlines():
+      line = line.split('  #')[0].strip()
+      if line and not line.startswith(('@', 'depthuda:', '}', 'title', 'author', 'booktitle',
+                                       'year')):
+        commands.append(line)
+  return commands
+
+
+def _module_flags(module: str) -> set[str]:
+  """Flags a depthuda module defines, read from its source (importing two CLIs would clash)."""
+  path = importlib.util.find_spec(module).origin
+  with open(path) as f:
+    return set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", f.read()))
+
+
+def _config(path: str):
+  spec = importlib.util.spec_from_file_location('readme_config', os.path.join(main_runs.ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _has_field(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _check_python_command(tokens: list[str]) -> int:
+  module = tokens[tokens.index('-m') + 1]
+  assert module.startswith('depthuda.') and importlib.util.find_spec(module), module
+  assert all(os.path.exists(os.path.join(main_runs.ROOT, p)) for p in _RUN_BY[module])
+  flags = _module_flags(module)
+  args = dict(t.lstrip('[').rstrip(']').lstrip('-').partition('=')[::2]
+              for t in tokens if t.lstrip('[').startswith('--'))
+  config_file = args.get('config', '')
+  config = None if not config_file or '<' in config_file else _config(config_file)
+  checked = 0
+  for name in args:
+    if name == 'config.<field>':  # the general form of the command
+      continue
+    if name.startswith('config.'):
+      assert config is not None, f'--{name} without a config file'
+      assert _has_field(config, name[len('config.'):]), f'{config_file} has no {name}'
+    else:
+      assert name in flags, f'{module} has no --{name}'
+    checked += 1
+  return checked
+
+
+def test_every_readme_command_names_real_flags_fields_and_files():
+  commands = _commands()
+  kinds = set()
+  for command in commands:
+    tokens = shlex.split(command.replace('[', ' [').replace(' / ', ' '))
+    if 'python' in tokens[0] and '-m' in tokens:
+      kinds.add(tokens[tokens.index('-m') + 1])
+      if tokens[tokens.index('-m') + 1] != 'venv':
+        assert _check_python_command(tokens) > 0, command
+    elif tokens[0] == 'make':
+      with open(os.path.join(main_runs.ROOT, 'Makefile')) as f:
+        targets = re.findall(r'^([\w-]+):', f.read(), flags=re.M)
+      assert tokens[1] in targets, command
+      kinds.add('make')
+    elif tokens[0] == 'sbatch' or any(t.startswith('launch/') for t in tokens):
+      script = next(t for t in tokens if t.startswith('launch/'))
+      path = os.path.join(main_runs.ROOT, script)
+      assert os.access(path, os.X_OK), script
+      assert subprocess.run(['bash', '-n', path]).returncode == 0, script
+      config = re.search(r'CONFIG=(\S+)', command)
+      assert config is None or os.path.exists(os.path.join(main_runs.ROOT, config[1]))
+      kinds.add('launch')
+    elif tokens[0].endswith('pip') or 'pip' in tokens:
+      extras = re.findall(r"\.\[(\w+)\]", command)
+      with open(os.path.join(main_runs.ROOT, 'pyproject.toml')) as f:
+        pyproject = f.read()
+      assert all(re.search(rf'^{e} = \[', pyproject, flags=re.M) for e in extras), command
+      kinds.add('pip')
+    else:
+      pytest.fail(f'README command of an unknown kind: {command}')
+  assert {'depthuda.main', 'depthuda.predict', 'depthuda.convert', 'make', 'launch',
+          'pip'} <= kinds
+
+
+def test_local_multiprocess_launcher_fits_what_one_process_fits(tmp_path_factory, tmp_path):
+  """README's `NPROC=2 CPU=1 launch/local_multiprocess.sh`: two processes joined by
+  jax.distributed sum their halves of the source set into the GMMs one process fits."""
+  reference = main_runs.reference_workdir(tmp_path_factory)
+  workdir = str(tmp_path / 'two')
+  env = dict(main_runs.ENV, NPROC='2', CPU='1', CONFIG='configs/test.py', WORKDIR=workdir,
+             PORT=str(20000 + os.getpid() % 20000),
+             PATH=os.path.dirname(main_runs.sys.executable) + os.pathsep + os.environ['PATH'])
+  completed = subprocess.run(['launch/local_multiprocess.sh', '--stage=fit_gmm'], cwd=main_runs.ROOT,
+                             env=env, capture_output=True, text=True, timeout=main_runs.TIMEOUT)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  with open(os.path.join(reference, 'fit_gmm', 'gmm.json')) as f:
+    expected = json.load(f)
+  with open(os.path.join(workdir, 'fit_gmm', 'gmm.json')) as f:
+    got = json.load(f)
+  assert got['iterations'] == expected['iterations']
+  for name, record in expected['classes'].items():
+    assert got['classes'][name]['pixel_count'] == record['pixel_count']
+    assert got['classes'][name]['num_points'] == record['num_points']
+    for key in ('weights', 'means', 'variances'):
+      np.testing.assert_allclose(got['classes'][name][key], record[key], rtol=1e-4, atol=1e-5)
