@@ -55,6 +55,7 @@ def measure(root: str, pairs: int, warmup: int) -> dict:
   """Pairs per second through the production source and target streams."""
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
+  from depthuda.data import decoding
   from depthuda.data import pipeline
   config = _config(root)
   source, target = pipeline.source_train(config), pipeline.target_train(config)
@@ -71,16 +72,16 @@ def measure(root: str, pairs: int, warmup: int) -> dict:
   rgb = os.path.join(config.data.source_dir, 'RGB', '0000000.png')
   files = {'source RGB': rgb, 'source label': rgb.replace('RGB', 'parsed_LABELS'),
            'source depth': rgb.replace('RGB', 'Depth')}
-  ops = {'source RGB': lambda b: pipeline.decode_image(b, config.data.input_size),
-         'source label': lambda b: pipeline.decode_label(b, config.data.input_size, None),
-         'source depth': lambda b: pipeline.decode_inverse_depth(b, config.data.input_size)}
+  ops = {'source RGB': lambda b: decoding.decode_image(b, config.data.input_size),
+         'source label': lambda b: decoding.decode_label(b, config.data.input_size, None),
+         'source depth': lambda b: decoding.decode_inverse_depth(b, config.data.input_size)}
   import zipfile
   with zipfile.ZipFile(os.path.join(config.data.target_dir, 'leftImg8bit_trainvaltest.zip')) as z:
     name = next(n for n in z.namelist() if n.endswith('.png') and '/train/' in n)
     target_png = z.read(name)
   contents = {k: tf.io.read_file(v) for k, v in files.items()}
   contents['target image'] = tf.constant(target_png)
-  ops['target image'] = lambda b: pipeline.decode_image(b, config.data.input_size)
+  ops['target image'] = lambda b: decoding.decode_image(b, config.data.input_size)
   ops['target PNG decode only'] = lambda b: tf.io.decode_png(b, channels=3)
   contents['target PNG decode only'] = contents['target image']
   for key, op in ops.items():

@@ -92,13 +92,13 @@ def test_find_images_folder_glob_and_errors(setup, tmp_path):
 
 def test_preprocess_matches_input_pipeline():
   import tensorflow as tf
-  from depthuda.data import pipeline
+  from depthuda.data import decoding
   rng = np.random.default_rng(1)
   image = np.asarray(Image.fromarray(rng.integers(0, 256, (61, 97, 3), dtype=np.uint8))
                      .resize((194, 122), Image.Resampling.BILINEAR))
   png = io.BytesIO()
   Image.fromarray(image).save(png, format='PNG')
-  expected = pipeline.decode_image(tf.constant(png.getvalue()), (64, 40)).numpy()
+  expected = decoding.decode_image(tf.constant(png.getvalue()), (64, 40)).numpy()
   got = predict.preprocess(image, (64, 40))
   assert got.shape == expected.shape == (40, 64, 3) and got.dtype == np.float32
   # Both are bicubic with antialiasing rounded to 8 bits; PIL and TF differ by <= 1 level.

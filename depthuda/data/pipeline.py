@@ -39,6 +39,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from depthuda.data import cityscapes
+from depthuda.data import decoding
 from depthuda.data import labels
 from depthuda.data import mapillary
 from depthuda.data import synthia
@@ -124,8 +125,8 @@ def _target(config: ml_collections.ConfigDict) -> _Target:
       builder = cityscapes.prepare(data.target_dir, data.tfds_dir)
     return _Target(
         examples=lambda split, drop: _tfds_examples(builder, _CITYSCAPES_SPLITS[split], drop),
-        image=lambda ex: (decode_image(ex['image_left'], size), tf.constant(_hw(size))),
-        label=lambda ex, table: decode_label(ex['segmentation_label'], data.label_size, table,
+        image=lambda ex: (decoding.decode_image(ex['image_left'], size), tf.constant(decoding.hw(size))),
+        label=lambda ex, table: decoding.decode_label(ex['segmentation_label'], data.label_size, table,
                                                labels.CITYSCAPES_IDS),
         name=lambda ex: ex['image_id'])
   if data.target == 'mapillary':
@@ -133,8 +134,8 @@ def _target(config: ml_collections.ConfigDict) -> _Target:
     return _Target(
         examples=lambda split, drop: _file_examples(
             f'Mapillary Vistas {split}', mapillary.list_split(data.target_dir, split), drop),
-        image=lambda ex: decode_padded_image(tf.io.read_file(ex['image']), size),
-        label=lambda ex, table: decode_padded_label(tf.io.read_file(ex['label']), size, table),
+        image=lambda ex: decoding.decode_padded_image(tf.io.read_file(ex['image']), size),
+        label=lambda ex, table: decoding.decode_padded_label(tf.io.read_file(ex['label']), size, table),
         name=lambda ex: ex['name'])
   raise InputError(f'config.data.target={data.target!r}: expected cityscapes or mapillary')
 
@@ -185,83 +186,6 @@ def _file_examples(description: str, examples: list[mapillary.Example],
     return ds if shuffle_seed is None else ds.shuffle(max(len(mine), 1), seed=shuffle_seed)
 
   return _Examples(description, len(mine), len(examples), read)
-
-
-def _hw(size) -> tuple[int, int]:
-  width, height = size
-  return int(height), int(width)
-
-
-def decode_image(png: tf.Tensor, size) -> tf.Tensor:
-  """PNG -> float32 [H, W, 3] at (W, H) `size`, BGR, mean-subtracted."""
-  image = tf.cast(tf.io.decode_png(png, channels=3), tf.float32)
-  image = tf.image.resize(image, _hw(size), method='bicubic', antialias=True)
-  image = tf.clip_by_value(tf.round(image), 0, 255)
-  return image[..., ::-1] - labels.MEAN_BGR
-
-
-def decode_label(png: tf.Tensor, size, table: np.ndarray | None,
-                 valid_ids: np.ndarray | None = None) -> tf.Tensor:
-  """1-channel 8-bit PNG -> int32 [H, W], nearest-resized, mapped through `table`.
-
-  With `valid_ids` (a [256] bool table), a label holding any other id fails with an error that
-  names the first such id (checked before resizing, so no pixel escapes the check).
-  """
-  label = tf.io.decode_png(png, channels=1)
-  if valid_ids is not None:
-    ids = tf.cast(label[..., 0], tf.int32)
-    bad = tf.logical_not(tf.gather(tf.constant(valid_ids), ids))
-    first = tf.gather_nd(ids, tf.where(bad)[:1])
-    check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)),
-                                ['label id', first, 'is outside the ids the dataset defines'])
-    with tf.control_dependencies([check]):
-      label = tf.identity(label)
-  label = tf.image.resize(label, _hw(size), method='nearest')
-  label = tf.cast(label[..., 0], tf.int32)
-  return label if table is None else tf.gather(tf.constant(table, tf.int32), label)
-
-
-def decode_padded_image(data: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tensor]:
-  """JPEG of any size -> (f32 [H, W, 3], i32 [2]): resized with its aspect kept to fit (W, H)
-  `size` (`mapillary.fitted_size`), padded at the bottom/right with black (0 before mean
-  subtraction, as the original pads), BGR, mean-subtracted; and the (rows, columns) it fills."""
-  # The accurate integer DCT decodes exactly as PIL (the original); TF's default does not.
-  rgb = tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE')
-  height, width = tf.unstack(tf.cast(tf.shape(rgb)[:2], tf.float64))
-  target_h, target_w = _hw(size)
-  # float64 as in Python, so that the sizes equal mapillary.fitted_size's.
-  fit_width = width / height > target_w / target_h
-  full_h, full_w = tf.constant(target_h, tf.float64), tf.constant(target_w, tf.float64)
-  rows = tf.where(fit_width, tf.floor(height * (target_w / width)), full_h)
-  cols = tf.where(fit_width, full_w, tf.floor(width * (target_h / height)))
-  valid = tf.cast(tf.maximum(tf.stack([rows, cols]), 1), tf.int32)
-  image = tf.image.resize(tf.cast(rgb, tf.float32), valid, method='bicubic', antialias=True)
-  image = tf.clip_by_value(tf.round(image), 0, 255)
-  image = tf.pad(image, [[0, target_h - valid[0]], [0, target_w - valid[1]], [0, 0]])
-  image = tf.ensure_shape(image, (target_h, target_w, 3))
-  return image[..., ::-1] - labels.MEAN_BGR, valid
-
-
-def decode_padded_label(data: tf.Tensor, size, table: np.ndarray) -> tf.Tensor:
-  """8-bit label-index PNG -> i32 [HL, WL] classes at its own resolution, padded with ignore
-  to the aspect ratio of (W, H) `size` (`mapillary.read_label`; PIL keeps palette indices)."""
-  read = lambda png: mapillary.read_label(png, tuple(size), table)
-  label = tf.numpy_function(read, [data], tf.int32, stateful=False)
-  return tf.ensure_shape(label, (None, None))
-
-
-def _mask_padding(label: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
-  """[H, W] label with ignore outside the top-left `valid` (rows, columns)."""
-  rows = tf.range(tf.shape(label)[0])[:, None] < valid[0]
-  cols = tf.range(tf.shape(label)[1])[None, :] < valid[1]
-  return tf.where(rows & cols, label, labels.IGNORE_LABEL)
-
-
-def decode_inverse_depth(png: tf.Tensor, size) -> tf.Tensor:
-  """SYNTHIA 16-bit depth PNG -> float32 [H, W] inverse depth 65536 / (raw + 1)."""
-  raw = tf.image.resize(tf.io.decode_png(png, channels=1, dtype=tf.uint16), _hw(size),
-                        method='nearest')
-  return 65536.0 / (tf.cast(raw[..., 0], tf.float32) + 1.0)
 
 
 def _text(value) -> str:
@@ -384,9 +308,9 @@ def source_train(config: ml_collections.ConfigDict, *, start_step: int = 0
   ignore), 'depth': f32 [b, H, W] inverse depth}.
   """
   size, table = config.data.input_size, labels.label_map('synthia', config.data.num_classes)
-  decode = lambda ex: {'image': decode_image(ex['image'], size),
-                       'label': decode_label(ex['label'], size, table),
-                       'depth': decode_inverse_depth(ex['depth'], size)}
+  decode = lambda ex: {'image': decoding.decode_image(ex['image'], size),
+                       'label': decoding.decode_label(ex['label'], size, table),
+                       'depth': decoding.decode_inverse_depth(ex['depth'], size)}
   examples = _tfds_examples(_source_builder(config), 'train', drop_remainder=True)
   return _train_stream(config, examples, decode, _SOURCE, start_step)
 
@@ -420,7 +344,7 @@ def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: str, *,
     return {'image': image, 'valid': valid, 'name': target.name(ex)}
 
   prefix = os.path.join(label_dir, '')
-  finish = lambda ex: {'image': ex['image'], 'label': _mask_padding(decode_label(
+  finish = lambda ex: {'image': ex['image'], 'label': decoding.mask_padding(decoding.decode_label(
       tf.io.read_file(tf.strings.join([prefix, ex['name'], '.png'])), size, None), ex['valid'])}
   return _train_stream(config, examples, decode, _PSEUDO, start_step, finish, label_dir)
 
@@ -475,7 +399,7 @@ def source_grid_points(config: ml_collections.ConfigDict, *, batch_size: int | N
   smaller for the last batch. Images are not decoded.
   """
   size, table = config.data.input_size, labels.label_map('synthia', config.data.num_classes)
-  decode = lambda ex: {'label': decode_label(ex['label'], size, table),
-                       'depth': decode_inverse_depth(ex['depth'], size)}
+  decode = lambda ex: {'label': decoding.decode_label(ex['label'], size, table),
+                       'depth': decoding.decode_inverse_depth(ex['depth'], size)}
   ds = _read(_source_builder(config), _shard('train', drop_remainder=False))
   return _one_pass(config, ds, decode, batch_size or _batch_per_process(config))

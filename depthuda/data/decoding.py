@@ -1,0 +1,92 @@
+"""Decoding of one example's files inside tf.data (METHOD §2), as graph ops.
+
+Images: resized to (W, H) `size` (bicubic with antialiasing, rounded to 8 bits as PIL's resize
+in the original), RGB -> BGR, mean-subtracted. Labels and depth: resized nearest; labels mapped
+through a [256] class table (255 = ignore); SYNTHIA depth becomes inverse depth 65536 / (raw + 1).
+Mapillary images keep their aspect ratio and are padded (`decode_padded_image`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from depthuda.data import labels
+from depthuda.data import mapillary
+
+
+def hw(size) -> tuple[int, int]:
+  width, height = size
+  return int(height), int(width)
+
+
+def decode_image(png: tf.Tensor, size) -> tf.Tensor:
+  """PNG -> float32 [H, W, 3] at (W, H) `size`, BGR, mean-subtracted."""
+  image = tf.cast(tf.io.decode_png(png, channels=3), tf.float32)
+  image = tf.image.resize(image, hw(size), method='bicubic', antialias=True)
+  image = tf.clip_by_value(tf.round(image), 0, 255)
+  return image[..., ::-1] - labels.MEAN_BGR
+
+
+def decode_label(png: tf.Tensor, size, table: np.ndarray | None,
+                 valid_ids: np.ndarray | None = None) -> tf.Tensor:
+  """1-channel 8-bit PNG -> int32 [H, W], nearest-resized, mapped through `table`.
+
+  With `valid_ids` (a [256] bool table), a label holding any other id fails with an error that
+  names the first such id (checked before resizing, so no pixel escapes the check).
+  """
+  label = tf.io.decode_png(png, channels=1)
+  if valid_ids is not None:
+    ids = tf.cast(label[..., 0], tf.int32)
+    bad = tf.logical_not(tf.gather(tf.constant(valid_ids), ids))
+    first = tf.gather_nd(ids, tf.where(bad)[:1])
+    check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)),
+                                ['label id', first, 'is outside the ids the dataset defines'])
+    with tf.control_dependencies([check]):
+      label = tf.identity(label)
+  label = tf.image.resize(label, hw(size), method='nearest')
+  label = tf.cast(label[..., 0], tf.int32)
+  return label if table is None else tf.gather(tf.constant(table, tf.int32), label)
+
+
+def decode_padded_image(data: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tensor]:
+  """JPEG of any size -> (f32 [H, W, 3], i32 [2]): resized with its aspect kept to fit (W, H)
+  `size` (`mapillary.fitted_size`), padded at the bottom/right with black (0 before mean
+  subtraction, as the original pads), BGR, mean-subtracted; and the (rows, columns) it fills."""
+  # The accurate integer DCT decodes exactly as PIL (the original); TF's default does not.
+  rgb = tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE')
+  height, width = tf.unstack(tf.cast(tf.shape(rgb)[:2], tf.float64))
+  target_h, target_w = hw(size)
+  # float64 as in Python, so that the sizes equal mapillary.fitted_size's.
+  fit_width = width / height > target_w / target_h
+  full_h, full_w = tf.constant(target_h, tf.float64), tf.constant(target_w, tf.float64)
+  rows = tf.where(fit_width, tf.floor(height * (target_w / width)), full_h)
+  cols = tf.where(fit_width, full_w, tf.floor(width * (target_h / height)))
+  valid = tf.cast(tf.maximum(tf.stack([rows, cols]), 1), tf.int32)
+  image = tf.image.resize(tf.cast(rgb, tf.float32), valid, method='bicubic', antialias=True)
+  image = tf.clip_by_value(tf.round(image), 0, 255)
+  image = tf.pad(image, [[0, target_h - valid[0]], [0, target_w - valid[1]], [0, 0]])
+  image = tf.ensure_shape(image, (target_h, target_w, 3))
+  return image[..., ::-1] - labels.MEAN_BGR, valid
+
+
+def decode_padded_label(data: tf.Tensor, size, table: np.ndarray) -> tf.Tensor:
+  """8-bit label-index PNG -> i32 [HL, WL] classes at its own resolution, padded with ignore
+  to the aspect ratio of (W, H) `size` (`mapillary.read_label`; PIL keeps palette indices)."""
+  read = lambda png: mapillary.read_label(png, tuple(size), table)
+  label = tf.numpy_function(read, [data], tf.int32, stateful=False)
+  return tf.ensure_shape(label, (None, None))
+
+
+def mask_padding(label: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+  """[H, W] label with ignore outside the top-left `valid` (rows, columns)."""
+  rows = tf.range(tf.shape(label)[0])[:, None] < valid[0]
+  cols = tf.range(tf.shape(label)[1])[None, :] < valid[1]
+  return tf.where(rows & cols, label, labels.IGNORE_LABEL)
+
+
+def decode_inverse_depth(png: tf.Tensor, size) -> tf.Tensor:
+  """SYNTHIA 16-bit depth PNG -> float32 [H, W] inverse depth 65536 / (raw + 1)."""
+  raw = tf.image.resize(tf.io.decode_png(png, channels=1, dtype=tf.uint16), hw(size),
+                        method='nearest')
+  return 65536.0 / (tf.cast(raw[..., 0], tf.float32) + 1.0)
