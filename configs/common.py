@@ -17,7 +17,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 1  # Global images per domain per step; the original trains 1 source + 1 target.
-  c.init_from = ''  # A directory written by `python -m depthuda.convert` (ImageNet or trained).
+  # A directory written by `python -m depthuda.convert`: the real experiments start from the
+  # ImageNet weights, as the original (README, "Training on real data"); '' = from scratch.
+  c.init_from = 'pretrained/imagenet'
   c.compute_dtype = 'float32'
   c.checkpoint_every_steps = 2000
   c.log_every_steps = 50

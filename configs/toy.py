@@ -25,6 +25,7 @@ def get_config():
   # head_init stays the original's N(0, 0.01); 'he' makes the heads learn from scratch but costs
   # target mIoU here at the original's loss weights (BUILD_NOTES.md, 'The method on the toy').
 
+  c.init_from = ''  # a small network trained from scratch: no ImageNet weights
   c.data.toy = True
   c.data.cache_decoded = True
   c.data.source_dir = 'data/toy/SYNTHIA-RAND-CITYSCAPES'

@@ -2,6 +2,7 @@
 the commands that need no dataset or GPU run here (the rest run in `make demo` and the tests
 named in `_RUN_BY`)."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -135,3 +136,19 @@ def test_local_multiprocess_launcher_fits_what_one_process_fits(tmp_path_factory
     assert got['classes'][name]['num_points'] == record['num_points']
     for key in ('weights', 'means', 'variances'):
       np.testing.assert_allclose(got['classes'][name][key], record[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(main_runs.ROOT,
+                                                                           'configs'))
+                                        if n.endswith('.py') and n not in ('__init__.py',
+                                                                           'common.py')))
+def test_every_config_says_how_to_run_it_and_what_to_expect(name):
+  """Each experiment file starts with its command, then expected runtime and result."""
+  path = os.path.join(main_runs.ROOT, 'configs', name)
+  with open(path) as f:
+    doc = ast.get_docstring(ast.parse(f.read()))
+  assert doc, name
+  assert f'python -m depthuda.main --config=configs/{name}' in doc
+  assert re.search(r'Expected', doc) and re.search(r'\d+ (minutes|min|h)\b', doc), doc
+  config = _config(os.path.join('configs', name))  # and it loads
+  assert config.data.num_classes in (7, 16)
