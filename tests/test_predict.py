@@ -18,6 +18,7 @@ from depthuda import losses
 from depthuda import predict
 from depthuda import train
 from depthuda import visualize
+from tests import main_runs
 
 KINDS = ('classes', 'seg', 'overlay', 'depth', 'density')
 SIZES = {'wide': (50, 30), 'odd': (97, 61), 'portrait': (33, 80)}  # (W, H)
@@ -171,6 +172,13 @@ def test_command_line_and_one_line_errors(setup, tmp_path):
              f'--output={tmp_path / "out"}', cwd=tmp_path)
   assert run.returncode == 0, run.stderr
   assert sorted(os.listdir(tmp_path / 'out')) == [f'wide_{k}.png' for k in sorted(KINDS)]
+  # README's second form: a checkpoint folder with its config, a recursive glob, a batch size.
+  run = _cli(f'--checkpoint={root / "constant" / "self_train"}',
+             f'--config={os.path.join(main_runs.ROOT, "configs", "test.py")}',
+             f'--input={root}/**/*.jpg', f'--output={tmp_path / "out2"}', '--batch_size=2',
+             cwd=tmp_path)
+  assert run.returncode == 0, run.stderr
+  assert sorted(os.listdir(tmp_path / 'out2')) == [f'portrait_{k}.png' for k in sorted(KINDS)]
   run = _cli(f'--workdir={root / "run"}', f'--input={tmp_path / "none"}',
              f'--output={tmp_path / "x"}', cwd=tmp_path)
   assert run.returncode == 1
