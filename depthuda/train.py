@@ -225,6 +225,9 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
     disc_params = optax.apply_updates(disc_params, d_updates)
 
   metrics['lr'] = _segmenter_lr(config, state.step)
+  if use_disc:
+    o = config.optim
+    metrics['lr_disc'] = poly_schedule(o.disc_lr, o.poly_power, o.poly_horizon)(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state, disc_params=disc_params,
                             disc_opt_state=disc_opt_state)

@@ -1,7 +1,13 @@
 """End to end: `python -m depthuda.main` runs every stage on configs/test.py; outputs follow
 INTERFACE.md; a second `--stage=all` finds everything complete and does nothing."""
 
+import glob
 import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
 
 from tests import main_runs
 
@@ -35,8 +41,34 @@ def test_all_stages_write_the_documented_outputs(tmp_path_factory):
       assert all(isinstance(record[k], float) for k in losses), record
     assert [r['step'] for r in records if 'val_miou' in r] == [
         s for s in (4, 8) if s <= results[stage]['steps']]
-  assert os.path.exists(os.path.join(workdir, 'eval', 'confusion_matrix.png'))
+  for name in ('confusion_matrix', 'per_class_iou', 'curves_adapt', 'curves_self_train'):
+    plot = np.asarray(Image.open(os.path.join(workdir, 'eval', f'{name}.png')).convert('RGB'))
+    assert min(plot.shape[:2]) > 100 and len(np.unique(plot.reshape(-1, 3), axis=0)) > 4, name
+  for stage, losses in LOSSES.items():
+    tags = _tensorboard_tags(os.path.join(workdir, stage, 'tb'))
+    assert set(losses) | {'lr', 'val_miou'} <= tags, (stage, tags)
+    assert {f'val_iou/{name}' for name in names} <= tags
+  assert {'lr_disc', 'disc_acc_src', 'disc_acc_tgt'} <= _tensorboard_tags(
+      os.path.join(workdir, 'adapt', 'tb'))
   assert len(os.listdir(os.path.join(workdir, 'pseudo_label', 'labels'))) == 6 + 1  # provenance
+
+
+def _tensorboard_tags(directory: str) -> set[str]:
+  import tensorflow as tf
+  tags = set()
+  for path in glob.glob(os.path.join(directory, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(value.tag for value in event.summary.value)
+  return tags
+
+
+def test_help_lists_stages_and_common_fields():
+  completed = subprocess.run([sys.executable, '-m', 'depthuda.main', '--help'], cwd=main_runs.ROOT,
+                             env=main_runs.ENV, capture_output=True, text=True, timeout=120)
+  assert 'Traceback' not in completed.stderr  # (absl's --help exits with status 1)
+  for word in ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval', '--workdir',
+               'batch_size', 'init_from', 'data.source_dir', 'adapt.num_steps'):
+    assert word in completed.stdout, word
 
 
 def test_second_run_of_all_does_no_work(tmp_path_factory):
@@ -57,3 +89,22 @@ def test_second_run_of_all_does_no_work(tmp_path_factory):
   assert [line for line in completed.stdout.splitlines() if line.endswith('complete, skipped')] == [
       f'{stage}: complete, skipped' for stage in STAGES]
   assert snapshot() == before
+
+
+def test_tensorboard_image_panels_are_written(tmp_path):
+  """What `log_images_every_steps` logs: a panel per validation image, readable as an image."""
+  import tensorflow as tf
+  from depthuda import reporting
+  panel = np.zeros((8, 12, 3), np.uint8)
+  panel[:, 6:] = (255, 0, 0)
+  log = reporting.MetricsLog(str(tmp_path))
+  log.images(40, {'val/0': panel})
+  log.close()
+  (path,) = glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
+  found = [(event.step, value) for event in tf.compat.v1.train.summary_iterator(path)
+           for value in event.summary.value if value.tag == 'val/0']
+  (step, value), = found
+  assert step == 40 and value.metadata.plugin_data.plugin_name == 'images'
+  width, height, png = tf.make_ndarray(value.tensor)[:3]
+  assert (int(width), int(height)) == (12, 8)
+  np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), panel)
