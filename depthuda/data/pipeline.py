@@ -1,23 +1,17 @@
 """tf.data input streams for the stages: per-process batches as NumPy arrays.
 
-Images are decoded, resized to `config.data.input_size` (W, H) (bicubic with
-antialiasing, rounded to 8 bits as PIL's resize in the original), flipped RGB
--> BGR and mean-subtracted; labels and depth are resized nearest; labels are
-mapped to the experiment's classes (255 = ignore); SYNTHIA depth becomes
-inverse depth 65536 / (raw + 1) (METHOD §2).
+Examples are decoded at `config.data.input_size` by `depthuda.data.decoding` (METHOD §2).
 
-Mapillary Vistas (config.data.target='mapillary') is read in place from its
-folders (`depthuda.data.mapillary`): images are resized to fit the input size
-with their aspect kept and padded with black; validation labels keep their own
-resolution, padded with ignore to the input's aspect ratio; the padding of a
-pseudo-labelled image is ignored in self-training.
+Mapillary Vistas (config.data.target='mapillary') is read in place from its folders
+(`depthuda.data.mapillary`): images are resized to fit the input size with their aspect kept and
+padded with black; validation labels keep their own resolution, padded with ignore to the input's
+aspect ratio; the padding of a pseudo-labelled image is ignored in self-training.
 
-Every process reads its own shard (`tfds.even_splits`, or equal parts of a
-file list) and yields config.batch_size // jax.process_count() examples per
-batch. Training streams are endless and deterministic: epoch e is shuffled
-with a seed drawn from (config.seed, stream, e), and a stream started at
-`start_step` equals the tail of an uninterrupted one (it skips only within the
-current epoch, before decoding). An epoch has floor(shard size / batch) steps. With
+Every process reads its own shard (`tfds.even_splits`, or equal parts of a file list) and yields
+config.batch_size // jax.process_count() examples per batch. Training streams are endless and
+deterministic: epoch e is shuffled with a seed drawn from (config.seed, stream, e), and a stream
+started at `start_step` equals the tail of an uninterrupted one (it skips only within the current
+epoch, before decoding). An epoch has floor(shard size / batch) steps. With
 `config.data.cache_decoded` decoded examples are kept in memory (the toy).
 """
 
