@@ -129,8 +129,10 @@ def _cell_keys(cells: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _smallest(keys: np.ndarray, cells: np.ndarray, count: int) -> np.ndarray:
-  """Indices of the `count` smallest (key, cell) pairs, in that order."""
-  return np.lexsort((cells, keys))[:count]
+  """Indices of the `count` smallest (key, cell) pairs, in that order (cells < 2**32)."""
+  order = (keys.astype(np.uint64) << np.uint64(32)) | cells.astype(np.uint64)
+  idx = np.argpartition(order, count - 1)[:count] if len(order) > count else np.arange(len(order))
+  return idx[np.argsort(order[idx])]
 
 
 def sample_candidates(classes: np.ndarray, depths: np.ndarray, num_classes: int,
@@ -139,17 +141,20 @@ def sample_candidates(classes: np.ndarray, depths: np.ndarray, num_classes: int,
   smallest pseudo-random keys of their global index (this process holds images first_image,
   first_image + 1, ...). Returns points [C, M, 3], mask [C, M], cell ids and keys [C, M]."""
   n, h, w = classes.shape
-  xyz, flat = _xyz(classes, depths), classes.reshape(-1)
-  cells = np.int64(first_image) * h * w + np.arange(n * h * w, dtype=np.int64)
-  keys = _cell_keys(cells, seed)
-  picked = []
+  flat, depth = classes.reshape(-1), depths.reshape(-1)
+  points, cell_ids, key_ids = [], [], []
   for c in range(num_classes):
     idx = np.flatnonzero(flat == c)
-    picked.append(idx[_smallest(keys[idx], cells[idx], per_class)])
-  points, mask = _pad([xyz[i] for i in picked], per_class)
-  cell_ids, _ = _pad([cells[i].astype(np.int32) for i in picked], per_class, np.int32)
-  key_ids, _ = _pad([keys[i] for i in picked], per_class, np.uint32)
-  return points, mask, cell_ids, key_ids
+    cells = np.int64(first_image) * h * w + idx
+    keys = _cell_keys(cells, seed)
+    pick = _smallest(keys, cells, per_class)
+    idx, cells, keys = idx[pick], cells[pick], keys[pick]
+    points.append(np.stack([idx % w, idx // w % h, depth[idx]], -1).astype(np.float32))
+    cell_ids.append(cells.astype(np.int32))
+    key_ids.append(keys)
+  points, mask = _pad(points, per_class)
+  return (points, mask, _pad(cell_ids, per_class, np.int32)[0],
+          _pad(key_ids, per_class, np.uint32)[0])
 
 
 def choose_sample(points, mask, cell_ids, key_ids, per_class: int
