@@ -412,12 +412,10 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
     if resume.params.means.shape != params.means.shape:
       raise ValueError(f'fit_streaming: the EM state to resume has means of shape '
                        f'{resume.params.means.shape}, expected {params.means.shape}')
-    first, params = resume.iteration, resume.params
+    params = resume.params
     prev, num_iters, converged, counts = (np.asarray(a) for a in (
         resume.prev_loglik, resume.num_iters, resume.converged, resume.counts))
-    if converged.all() or first >= max_iters:
-      info = jax.tree.map(np.asarray, _info(num_iters, converged, prev, counts, frame))
-      return _to_original(frame, params, jnp.asarray(counts)), info
+    first = max_iters if converged.all() else resume.iteration  # a finished fit: no iteration
   for step in range(first, max_iters):
     stats = None
     for points, mask in chunks():

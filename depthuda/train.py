@@ -50,10 +50,9 @@ def poly_schedule(base_lr: float, power: float, horizon: int) -> optax.Schedule:
   return optax.polynomial_schedule(base_lr, 0.0, power, horizon)
 
 
-def _segmenter_lr(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-  """The segmenter's learning rate at `step`, for logging."""
-  o = config.optim
-  return poly_schedule(o.lr, o.poly_power, o.poly_horizon)(step)
+def _schedule(config: ml_collections.ConfigDict, base_lr: float) -> optax.Schedule:
+  """config.optim's poly schedule from `base_lr` (the segmenter's `lr` or D's `disc_lr`)."""
+  return poly_schedule(base_lr, config.optim.poly_power, config.optim.poly_horizon)
 
 
 def segmenter_optimizer(config: ml_collections.ConfigDict, frozen: Any) -> optax.GradientTransformation:
@@ -64,15 +63,14 @@ def segmenter_optimizer(config: ml_collections.ConfigDict, frozen: Any) -> optax
   o = config.optim
   sgd = optax.chain(
       optax.add_decayed_weights(o.weight_decay),
-      optax.sgd(poly_schedule(o.lr, o.poly_power, o.poly_horizon), momentum=o.momentum))
+      optax.sgd(_schedule(config, o.lr), momentum=o.momentum))
   labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
   return optax.multi_transform({'train': sgd, 'frozen': optax.set_to_zero()}, labels)
 
 
 def discriminator_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optim
-  return optax.adam(poly_schedule(o.disc_lr, o.poly_power, o.poly_horizon),
-                    b1=o.disc_b1, b2=o.disc_b2, eps=1e-8)
+  return optax.adam(_schedule(config, o.disc_lr), b1=o.disc_b1, b2=o.disc_b2, eps=1e-8)
 
 
 def build_models(config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
@@ -224,10 +222,9 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
     d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, disc_params)
     disc_params = optax.apply_updates(disc_params, d_updates)
 
-  metrics['lr'] = _segmenter_lr(config, state.step)
+  metrics['lr'] = _schedule(config, config.optim.lr)(state.step)
   if use_disc:
-    o = config.optim
-    metrics['lr_disc'] = poly_schedule(o.disc_lr, o.poly_power, o.poly_horizon)(state.step)
+    metrics['lr_disc'] = _schedule(config, config.optim.disc_lr)(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state, disc_params=disc_params,
                             disc_opt_state=disc_opt_state)
@@ -255,7 +252,7 @@ def self_train_step(state: TrainState, batch: dict, *, seg: nn.Module, seg_tx,
     new_stats = jax.lax.pmean(new_stats, axis_name)
   updates, opt_state = seg_tx.update(grads, state.opt_state, state.params)
   metrics = {'loss_seg': loss, 'loss': loss,
-             'lr': _segmenter_lr(config, state.step)}
+             'lr': _schedule(config, config.optim.lr)(state.step)}
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=new_stats, opt_state=opt_state)
   new_state, metrics['nonfinite'] = _guard_nonfinite(config, state, new_state, metrics, grads)

@@ -34,25 +34,13 @@ def _worker(process_id: int, num_processes: int, port: int, out: str) -> None:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(f'localhost:{port}', num_processes, process_id,
                              initialization_timeout=60)
-  from depthuda import train
-  from test_train import _batches, _config, _gmm_params
+  from test_train import _batches, _config, _steps
 
   config = _config(**{'optim.lr': 2.5e-4})
-  mesh = train.make_mesh()
   local = jax.local_device_count()
-  batches = _batches(STEPS, jax.device_count(), config)
-  seg, disc = train.build_models(config)
-  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
-  state = train.replicate(state, mesh)
-  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
-                                 disc_tx=disc_tx, config=config)
-  params = train.replicate(_gmm_params(), mesh)
-  history = []
-  for batch in batches:
-    mine = jax.tree.map(lambda x: x[process_id * local:(process_id + 1) * local], batch)
-    state, metrics = step(state, train.shard_batch(mine, mesh), params)
-    # Replicated outputs: this process's copy is the global value.
-    history.append({k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()})
+  _, history, _ = _steps(config, None, _batches(STEPS, jax.device_count(), config),
+                         slice(process_id * local, (process_id + 1) * local))
+  history = [{k: float(v) for k, v in metrics.items()} for metrics in history]
   if process_id == 0:
     with open(out, 'w') as f:
       json.dump({'history': history, 'device_count': jax.device_count(),

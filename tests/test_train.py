@@ -49,7 +49,10 @@ def _batches(num, batch, config, seed=0):
   return out
 
 
-def _run(config, devices, batches):
+def _steps(config, devices, batches, local=slice(None)):
+  """Adapt steps over `devices` (None: all, of all processes) on global `batches`, each process
+  feeding its `local` part. Returns the state on device, the metrics (replicated, so any
+  device's copy is the value) on the host, and the step function."""
   mesh = train.make_mesh(devices)
   seg, disc = train.build_models(config)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
@@ -59,8 +62,14 @@ def _run(config, devices, batches):
   params = train.replicate(_gmm_params(), mesh)
   history = []
   for batch in batches:
-    state, metrics = step(state, train.shard_batch(batch, mesh), params)
-    history.append(jax.device_get(metrics))
+    mine = jax.tree.map(lambda x: x[local], batch)
+    state, metrics = step(state, train.shard_batch(mine, mesh), params)
+    history.append({k: np.asarray(v.addressable_data(0)) for k, v in metrics.items()})
+  return state, history, step
+
+
+def _run(config, devices, batches):
+  state, history, step = _steps(config, devices, batches)
   return jax.device_get(state), history, step
 
 

@@ -66,6 +66,32 @@ def _grid_cache(workdir: str) -> str:
                       f'grid.{jax.process_index()}-of-{jax.process_count()}.npz')
 
 
+def _load_keyed(path: str, key: str) -> dict[str, np.ndarray] | None:
+  """The arrays `_save_keyed` wrote at `path` under `key`; None if none, unreadable (cut off
+  while written) or saved for another key."""
+  try:
+    with np.load(path) as saved:
+      if str(saved['key']) == key:
+        return {name: saved[name] for name in saved.files if name != 'key'}
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    pass
+  return None
+
+
+def _save_keyed(path: str, key: str, what: str, arrays: dict[str, np.ndarray]) -> None:
+  """Atomic `np.savez` of `arrays` under `key`. It only saves time on a rerun, so a failure (a
+  full disk) is a warning, not a reason to stop the fit."""
+  tmp = path + '.tmp.npz'
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(tmp, key=np.array(key), **arrays)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning('fit_gmm: could not keep %s in %s (%s)', what, path, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def cached_grid(config: ml_collections.ConfigDict, workdir: str
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`collect_grid`, kept in fit_gmm/ (atomically) and reused while it matches the config."""
@@ -74,32 +100,19 @@ def cached_grid(config: ml_collections.ConfigDict, workdir: str
                     'input_size': list(config.data.input_size),
                     'num_classes': config.data.num_classes,
                     'grid_size_hw': list(grid_size(config))}, sort_keys=True)
-  try:
-    with np.load(path) as cache:
-      if str(cache['key']) == key:
-        return cache['classes'], cache['depths'], cache['counts']
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-    pass  # none yet, or unreadable: scan again
+  cache = _load_keyed(path, key)
+  if cache is not None:
+    return cache['classes'], cache['depths'], cache['counts']
   classes, depths, counts = collect_grid(config)
-  tmp = path + '.tmp.npz'
-  try:  # Only saves time on a rerun: a full disk should not stop the fit.
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(tmp, classes=classes, depths=depths, counts=counts, key=np.array(key))
-    os.replace(tmp, path)
-  except OSError as e:
-    logging.warning('fit_gmm: could not keep the scanned grid in %s (%s)', path, e)
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  _save_keyed(path, key, 'the scanned grid',
+              {'classes': classes, 'depths': depths, 'counts': counts})
   return classes, depths, counts
 
 
-def _xyz(classes: np.ndarray, depths: np.ndarray) -> np.ndarray:
-  """[n*h*w, 3] (column, row, inverse depth) of every grid cell."""
-  n, h, w = classes.shape
-  ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
-                       indexing='ij')
-  return np.stack([np.broadcast_to(xs, (n, h, w)), np.broadcast_to(ys, (n, h, w)),
-                   depths.astype(np.float32)], -1).reshape(-1, 3)
+def _cell_points(cells: np.ndarray, depths: np.ndarray) -> np.ndarray:
+  """(column, row, inverse depth) [len(cells), 3] of flat indices into depths [n, h, w]."""
+  _, h, w = depths.shape
+  return np.stack([cells % w, cells // w % h, depths.reshape(-1)[cells]], -1).astype(np.float32)
 
 
 def _pad(per_class: list[np.ndarray], size: int | None = None, dtype=np.float32):
@@ -114,8 +127,8 @@ def _pad(per_class: list[np.ndarray], size: int | None = None, dtype=np.float32)
 
 def _points(classes: np.ndarray, depths: np.ndarray, num_classes: int):
   """Grid cells -> padded per-class points [C,N,3] and mask [C,N]."""
-  xyz, flat = _xyz(classes, depths), classes.reshape(-1)
-  return _pad([xyz[flat == c] for c in range(num_classes)])
+  flat = classes.reshape(-1)
+  return _pad([_cell_points(np.flatnonzero(flat == c), depths) for c in range(num_classes)])
 
 
 def _cell_keys(cells: np.ndarray, seed: int) -> np.ndarray:
@@ -140,8 +153,8 @@ def sample_candidates(classes: np.ndarray, depths: np.ndarray, num_classes: int,
   """This process's offer for the EM's initial sample: per class, its `per_class` cells with the
   smallest pseudo-random keys of their global index (this process holds images first_image,
   first_image + 1, ...). Returns points [C, M, 3], mask [C, M], cell ids and keys [C, M]."""
-  n, h, w = classes.shape
-  flat, depth = classes.reshape(-1), depths.reshape(-1)
+  _, h, w = classes.shape
+  flat = classes.reshape(-1)
   points, cell_ids, key_ids = [], [], []
   for c in range(num_classes):
     idx = np.flatnonzero(flat == c)
@@ -149,7 +162,7 @@ def sample_candidates(classes: np.ndarray, depths: np.ndarray, num_classes: int,
     keys = _cell_keys(cells, seed)
     pick = _smallest(keys, cells, per_class)
     idx, cells, keys = idx[pick], cells[pick], keys[pick]
-    points.append(np.stack([idx % w, idx // w % h, depth[idx]], -1).astype(np.float32))
+    points.append(_cell_points(idx, depths))
     cell_ids.append(cells.astype(np.int32))
     key_ids.append(keys)
   points, mask = _pad(points, per_class)
@@ -198,25 +211,13 @@ def _em_key(config: ml_collections.ConfigDict, counts: np.ndarray) -> str:
 
 
 def _load_em_state(workdir: str, key: str) -> gmm.EMState | None:
-  try:
-    with np.load(_em_state_path(workdir)) as saved:
-      if str(saved['key']) == key:
-        return gmm.EMState.from_arrays(saved)
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-    pass  # none, or unreadable (cut off while written): start EM afresh
-  return None
+  saved = _load_keyed(_em_state_path(workdir), key)
+  return None if saved is None else gmm.EMState.from_arrays(saved)
 
 
 def _save_em_state(workdir: str, key: str, state: gmm.EMState) -> None:
-  if not reporting.is_writer():
-    return
-  path = _em_state_path(workdir)
-  tmp = path + '.tmp.npz'
-  try:  # Only saves time on a rerun: a full disk should not stop the fit.
-    np.savez(tmp, key=np.array(key), **state.to_arrays())
-    os.replace(tmp, path)
-  except OSError as e:
-    logging.warning('fit_gmm: could not keep the EM state in %s (%s)', path, e)
+  if reporting.is_writer():
+    _save_keyed(_em_state_path(workdir), key, 'the EM state', state.to_arrays())
 
 
 def _sum_over_processes(stats):
