@@ -71,6 +71,19 @@ def test_builders_read_the_toy(config):
   assert example['segmentation_label'].shape == (1024, 2048, 1)
 
 
+def test_changed_toy_settings_regenerate_and_rebuild(tmp_path):
+  c = _config(str(tmp_path), toy_num_target_val=2)
+  pipeline.ensure_toy_data(c)
+  assert cityscapes.prepare(c.data.target_dir, c.data.tfds_dir).info.splits[
+      'validation'].num_examples == 2
+  c.data.toy_num_target_val = 3  # the prepared TFDS build goes with the old zips
+  pipeline.ensure_toy_data(c)
+  assert cityscapes.prepare(c.data.target_dir, c.data.tfds_dir).info.splits[
+      'validation'].num_examples == 3
+  assert synthia.prepare(c.data.source_dir, c.data.tfds_dir).info.splits[
+      'train'].num_examples == 6
+
+
 def test_source_batches_match_numpy(config):
   refs = _source_reference(config)
   seen = []

@@ -1,6 +1,7 @@
 """The procedural toy: file layouts, geometry, label ids, determinism, atomic writes."""
 
 import io
+import json
 import os
 import zipfile
 
@@ -34,7 +35,7 @@ def _png(data):
 
 def test_source_layout(dirs):
   src, _ = dirs
-  assert sorted(os.listdir(src)) == ['Depth', 'RGB', 'parsed_LABELS']
+  assert sorted(os.listdir(src)) == ['Depth', 'RGB', 'parsed_LABELS', toy.MANIFEST]
   names = ['0000000.png', '0000001.png', '0000002.png']
   for folder, mode in (('RGB', 'RGB'), ('parsed_LABELS', 'L'), ('Depth', 'I;16')):
     assert sorted(os.listdir(os.path.join(src, folder))) == names
@@ -45,7 +46,8 @@ def test_source_layout(dirs):
 
 def test_target_zips_in_cityscapes_layout(dirs):
   _, tgt = dirs
-  assert sorted(os.listdir(tgt)) == ['gtFine_trainvaltest.zip', 'leftImg8bit_trainvaltest.zip']
+  assert sorted(os.listdir(tgt)) == ['gtFine_trainvaltest.zip', 'leftImg8bit_trainvaltest.zip',
+                                    toy.MANIFEST]
   expected = {
       'train': ['aachen_000000_000019', 'aachen_000001_000019', 'bremen_000000_000019',
                 'zurich_000000_000019'],
@@ -150,11 +152,33 @@ def test_cut_off_run_leaves_no_dataset(tmp_path, monkeypatch):
 def test_existing_directories_are_kept(tmp_path):
   os.makedirs(tmp_path / 'src')
   _generate(str(tmp_path))
-  assert os.listdir(tmp_path / 'src') == []
-  assert len(os.listdir(tmp_path / 'tgt')) == 2
+  assert os.listdir(tmp_path / 'src') == []  # not written here (no manifest): never touched
+  assert len(os.listdir(tmp_path / 'tgt')) == 3
 
 
 def test_target_size_must_divide_cityscapes(tmp_path):
   with pytest.raises(ValueError, match='divide'):
     toy.generate(str(tmp_path / 's'), str(tmp_path / 't'), num_source=1, num_target_train=1,
                  num_target_val=1, num_target_test=1, target_size=(300, 150))
+
+
+def test_changed_settings_rewrite_only_what_changed(tmp_path):
+  src, tgt = _generate(str(tmp_path))
+  source_png = os.path.join(src, 'RGB', '0000000.png')
+  before = os.stat(source_png).st_mtime_ns
+  assert toy.generate(src, tgt, num_source=3, num_target_train=4, num_target_val=3,
+                      num_target_test=2, source_size=SOURCE_SIZE, target_size=TARGET_SIZE) == []
+  written = toy.generate(src, tgt, num_source=3, num_target_train=4, num_target_val=5,
+                         num_target_test=2, source_size=SOURCE_SIZE, target_size=TARGET_SIZE)
+  assert written == [tgt]
+  assert os.stat(source_png).st_mtime_ns == before  # the source was not rewritten
+  names = zipfile.ZipFile(os.path.join(tgt, 'gtFine_trainvaltest.zip')).namelist()
+  assert sum('/val/' in n and n.endswith('labelIds.png') for n in names) == 5
+  with open(os.path.join(src, toy.MANIFEST)) as f:
+    manifest = json.load(f)
+  manifest['generator_version'] -= 1  # as if written by an older generator
+  with open(os.path.join(src, toy.MANIFEST), 'w') as f:
+    json.dump(manifest, f)
+  assert toy.generate(src, tgt, num_source=3, num_target_train=4, num_target_val=5,
+                      num_target_test=2, source_size=SOURCE_SIZE,
+                      target_size=TARGET_SIZE) == [src]

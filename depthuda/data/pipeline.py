@@ -66,23 +66,23 @@ def _lock(tfds_dir: str):
 
 
 def ensure_toy_data(config: ml_collections.ConfigDict) -> None:
-  """Generates the toy datasets when config.data.toy is set and a directory is missing.
+  """Generates the toy datasets when config.data.toy is set and a directory is missing or was
+  written for other settings (`toy.generate`).
 
   Builds prepared from an earlier toy in data.tfds_dir are removed with it.
   """
   data = config.data
-  if not data.toy or (os.path.isdir(data.source_dir) and os.path.isdir(data.target_dir)):
+  if not data.toy:
     return
   with _lock(data.tfds_dir):
-    if os.path.isdir(data.source_dir) and os.path.isdir(data.target_dir):
-      return  # another process generated it meanwhile
-    toy.generate(data.source_dir, data.target_dir, seed=0, num_source=data.toy_num_source,
-                 num_target_train=data.toy_num_target_train,
-                 num_target_val=data.toy_num_target_val,
-                 num_target_test=data.toy_num_target_test,
-                 source_size=tuple(data.toy_source_size))
-    for stale in ('synthia_rand_cityscapes', 'cityscapes'):
-      shutil.rmtree(os.path.join(data.tfds_dir, stale), ignore_errors=True)
+    written = toy.generate(
+        data.source_dir, data.target_dir, seed=0, num_source=data.toy_num_source,
+        num_target_train=data.toy_num_target_train, num_target_val=data.toy_num_target_val,
+        num_target_test=data.toy_num_target_test, source_size=tuple(data.toy_source_size))
+    if data.source_dir in written:
+      shutil.rmtree(os.path.join(data.tfds_dir, 'synthia_rand_cityscapes'), ignore_errors=True)
+    if data.target_dir in written:
+      shutil.rmtree(os.path.join(data.tfds_dir, 'cityscapes'), ignore_errors=True)
 
 
 def _source_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -115,15 +116,46 @@ def _write_target(root: str, seed: int, counts: dict[str, int], size: tuple[int,
         bar.update()
 
 
+# Bumped whenever the renderer or the file writers change what a seed produces.
+GENERATOR_VERSION = 2
+MANIFEST = 'toy.json'
+
+
+def _manifest(**fields) -> dict:
+  return {'generator_version': GENERATOR_VERSION, **fields}
+
+
+def _is_stale(path: str, manifest: dict) -> bool:
+  """Whether `path` holds toy data written for other settings (or by another generator)."""
+  try:
+    with open(os.path.join(path, MANIFEST)) as f:
+      return json.load(f) != manifest
+  except FileNotFoundError:
+    return False  # not written by this generator (or by an early one): never touched
+  except json.JSONDecodeError:
+    return True
+
+
+def _write(path: str, manifest: dict, write, bar: tqdm.tqdm) -> None:
+  if os.path.isdir(path):  # stale: ours to replace
+    shutil.rmtree(path)
+  with _atomic_dir(path) as tmp:
+    write(tmp, bar)
+    with open(os.path.join(tmp, MANIFEST), 'w') as f:
+      json.dump(manifest, f, indent=1)
+
+
 def generate(source_dir: str, target_dir: str, *, seed: int = 0, num_source: int = 200,
              num_target_train: int = 100, num_target_val: int = 40, num_target_test: int = 4,
              source_size: tuple[int, int] = (320, 190),
-             target_size: tuple[int, int] = (512, 256)) -> None:
+             target_size: tuple[int, int] = (512, 256)) -> list[str]:
   """Writes the toy source (SYNTHIA layout) and target (Cityscapes zips).
 
   Every image has its own generator seeded by (seed, domain, split, index), so the data depend
-  on nothing else. A directory that exists already is kept; a missing one is written under a
-  temporary name and renamed when complete.
+  on nothing else. A missing directory is written under a temporary name and renamed when
+  complete, with a `toy.json` of the settings and GENERATOR_VERSION that produced it. An
+  existing directory is kept, unless its `toy.json` names other settings or another version:
+  then it is rewritten (one without `toy.json` was not written here and is never touched).
 
   Args:
     source_dir: receives RGB/, parsed_LABELS/ and Depth/ (NNNNNNN.png).
@@ -131,14 +163,24 @@ def generate(source_dir: str, target_dir: str, *, seed: int = 0, num_source: int
     source_size: (W, H) of source images; SYNTHIA's aspect ratio by default.
     target_size: (W, H) at which target scenes are rendered, then upsampled (nearest) to
       2048x1024; must divide it.
+
+  Returns:
+    The directories written by this call.
   """
   counts = {'train': num_target_train, 'val': num_target_val, 'test': num_target_test}
-  make_source, make_target = not os.path.isdir(source_dir), not os.path.isdir(target_dir)
-  total = make_source * num_source + make_target * sum(counts.values())
-  with tqdm.tqdm(total=total, desc='toy data', unit='image') as bar:
-    if make_source:
-      with _atomic_dir(source_dir) as tmp:
-        _write_source(tmp, seed, num_source, tuple(source_size), bar)
-    if make_target:
-      with _atomic_dir(target_dir) as tmp:
-        _write_target(tmp, seed, counts, tuple(target_size), bar)
+  source_size, target_size = tuple(source_size), tuple(target_size)
+  jobs = []
+  manifest = _manifest(seed=seed, num_source=num_source, source_size=list(source_size))
+  if not os.path.isdir(source_dir) or _is_stale(source_dir, manifest):
+    jobs.append((source_dir, manifest, num_source,
+                 lambda root, bar: _write_source(root, seed, num_source, source_size, bar)))
+  manifest = _manifest(seed=seed, counts=counts, target_size=list(target_size))
+  if not os.path.isdir(target_dir) or _is_stale(target_dir, manifest):
+    jobs.append((target_dir, manifest, sum(counts.values()),
+                 lambda root, bar: _write_target(root, seed, counts, target_size, bar)))
+  if not jobs:
+    return []
+  with tqdm.tqdm(total=sum(job[2] for job in jobs), desc='toy data', unit='image') as bar:
+    for path, manifest, _, write in jobs:
+      _write(path, manifest, write, bar)
+  return [job[0] for job in jobs]
