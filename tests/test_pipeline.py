@@ -8,8 +8,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 
 from depthuda.data import cityscapes
+from depthuda.data import decoding
 from depthuda.data import labels
 from depthuda.data import pipeline
 from depthuda.data import synthia
@@ -208,3 +210,12 @@ def test_synthia_builder_normalises_other_png_formats(tmp_path):
   np.testing.assert_array_equal(example['depth'][..., 0], depth)
   np.testing.assert_array_equal(example['label'][..., 0], ids)
   np.testing.assert_array_equal(example['image'], rgba[..., :3])
+
+
+@pytest.mark.parametrize('shape', [(38, 64), (40, 64), (38, 70), (19, 32)])
+def test_resize_is_skipped_only_where_it_is_the_identity(shape):
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, shape + (3,)), tf.uint8)
+  resized = tf.image.resize(tf.cast(image, tf.float32), (38, 64), method='bicubic', antialias=True)
+  reference = tf.clip_by_value(tf.round(resized), 0, 255)
+  got = tf.function(decoding.resize_bicubic)(image, (38, 64))
+  np.testing.assert_array_equal(got.numpy(), reference.numpy())

@@ -20,12 +20,29 @@ def hw(size) -> tuple[int, int]:
   return int(height), int(width)
 
 
+def resize_bicubic(image: tf.Tensor, height_width) -> tf.Tensor:
+  """8-bit [h, w, 3] -> float32 [H, W, 3] of whole numbers in [0, 255]: an antialiased bicubic
+  resize to `height_width`, rounded to 8 bits as PIL's resize (the original's) is.
+
+  An image that has that size already is only converted: at scale 1 the kernel samples
+  weights (0, 1, 0), so resize, rounding and clipping are all exactly the identity there, and
+  they cost most of a SYNTHIA image's decode (1280x760 is the input size).
+  """
+  height_width = tf.convert_to_tensor(height_width, tf.int32)
+  same = tf.reduce_all(tf.equal(tf.shape(image)[:2], height_width))
+
+  def resize():
+    out = tf.image.resize(tf.cast(image, tf.float32), height_width, method='bicubic',
+                          antialias=True)
+    return tf.clip_by_value(tf.round(out), 0, 255)
+
+  return tf.cond(same, lambda: tf.cast(image, tf.float32), resize)
+
+
 def decode_image(png: tf.Tensor, size) -> tf.Tensor:
   """PNG -> float32 [H, W, 3] at (W, H) `size`, BGR, mean-subtracted."""
-  image = tf.cast(tf.io.decode_png(png, channels=3), tf.float32)
-  image = tf.image.resize(image, hw(size), method='bicubic', antialias=True)
-  image = tf.clip_by_value(tf.round(image), 0, 255)
-  return image[..., ::-1] - labels.MEAN_BGR
+  image = resize_bicubic(tf.io.decode_png(png, channels=3), hw(size))
+  return tf.ensure_shape(image, hw(size) + (3,))[..., ::-1] - labels.MEAN_BGR
 
 
 def decode_label(png: tf.Tensor, size, table: np.ndarray | None,
@@ -63,8 +80,7 @@ def decode_padded_image(data: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tensor]:
   rows = tf.where(fit_width, tf.floor(height * (target_w / width)), full_h)
   cols = tf.where(fit_width, full_w, tf.floor(width * (target_h / height)))
   valid = tf.cast(tf.maximum(tf.stack([rows, cols]), 1), tf.int32)
-  image = tf.image.resize(tf.cast(rgb, tf.float32), valid, method='bicubic', antialias=True)
-  image = tf.clip_by_value(tf.round(image), 0, 255)
+  image = resize_bicubic(rgb, valid)
   image = tf.pad(image, [[0, target_h - valid[0]], [0, target_w - valid[1]], [0, 0]])
   image = tf.ensure_shape(image, (target_h, target_w, 3))
   return image[..., ::-1] - labels.MEAN_BGR, valid
