@@ -103,6 +103,17 @@ def test_every_readme_command_names_real_flags_fields_and_files():
       config = re.search(r'CONFIG=(\S+)', command)
       assert config is None or os.path.exists(os.path.join(main_runs.ROOT, config[1]))
       kinds.add('launch')
+    elif any(t.startswith('benchmarks/') for t in tokens):
+      script = next(t for t in tokens if t.startswith('benchmarks/'))
+      with open(os.path.join(main_runs.ROOT, script)) as f:
+        source = f.read()
+      if script.endswith('.py'):
+        defined = set(re.findall(r"add_argument\('--(\w+)'", source))
+        used = {t[2:].partition('=')[0] for t in tokens if t.startswith('--')}
+        assert used <= defined, f'{script} has no --{sorted(used - defined)}'
+      else:
+        assert subprocess.run(['bash', '-n', os.path.join(main_runs.ROOT, script)]).returncode == 0
+      kinds.add('benchmarks')
     elif tokens[0].endswith('pip') or 'pip' in tokens:
       extras = re.findall(r"\.\[(\w+)\]", command)
       with open(os.path.join(main_runs.ROOT, 'pyproject.toml')) as f:
@@ -112,7 +123,7 @@ def test_every_readme_command_names_real_flags_fields_and_files():
     else:
       pytest.fail(f'README command of an unknown kind: {command}')
   assert {'depthuda.main', 'depthuda.predict', 'depthuda.convert', 'make', 'launch',
-          'pip'} <= kinds
+          'pip', 'benchmarks'} <= kinds
 
 
 def test_local_multiprocess_launcher_fits_what_one_process_fits(tmp_path_factory, tmp_path):
