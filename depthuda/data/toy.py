@@ -116,7 +116,8 @@ def _write_target(root: str, seed: int, counts: dict[str, int], size: tuple[int,
         bar.update()
 
 
-# Bumped whenever the renderer or the file writers change what a seed produces.
+# Bumped whenever the renderer or the file writers change what a seed produces (1 was the
+# generator before manifests, whose directories have no toy.json).
 GENERATOR_VERSION = 2
 MANIFEST = 'toy.json'
 
