@@ -33,7 +33,7 @@ ROWS = (('source-only', 'source_only', 'adapt'),
 
 def run(workdir: str, config: str, seed: int, stages: list[str], extra: list[str]) -> None:
   for stage in stages:
-    if _done(workdir, 'eval' if stage == 'all' else stage):
+    if ('eval' if stage == 'all' else stage) in _results(workdir):
       continue
     cmd = [sys.executable, '-m', 'depthuda.main', f'--config={config}', f'--workdir={workdir}',
            f'--stage={stage}', f'--config.seed={seed}', *extra]
@@ -41,17 +41,16 @@ def run(workdir: str, config: str, seed: int, stages: list[str], extra: list[str
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
 
 
-def _done(workdir: str, stage: str) -> bool:
+def _results(workdir: str) -> dict:
   try:
     with open(os.path.join(workdir, 'results.json')) as f:
-      return stage in json.load(f)
+      return json.load(f)
   except FileNotFoundError:
-    return False
+    return {}
 
 
 def score(workdir: str, stage: str) -> float:
-  with open(os.path.join(workdir, 'results.json')) as f:
-    entry = json.load(f)[stage]
+  entry = _results(workdir)[stage]
   return entry['miou'] if stage == 'eval' else entry['best_miou']
 
 

@@ -170,18 +170,15 @@ def generate(source_dir: str, target_dir: str, *, seed: int = 0, num_source: int
   """
   counts = {'train': num_target_train, 'val': num_target_val, 'test': num_target_test}
   source_size, target_size = tuple(source_size), tuple(target_size)
-  jobs = []
-  manifest = _manifest(seed=seed, num_source=num_source, source_size=list(source_size))
-  if not os.path.isdir(source_dir) or _is_stale(source_dir, manifest):
-    jobs.append((source_dir, manifest, num_source,
-                 lambda root, bar: _write_source(root, seed, num_source, source_size, bar)))
-  manifest = _manifest(seed=seed, counts=counts, target_size=list(target_size))
-  if not os.path.isdir(target_dir) or _is_stale(target_dir, manifest):
-    jobs.append((target_dir, manifest, sum(counts.values()),
-                 lambda root, bar: _write_target(root, seed, counts, target_size, bar)))
-  if not jobs:
-    return []
-  with tqdm.tqdm(total=sum(job[2] for job in jobs), desc='toy data', unit='image') as bar:
-    for path, manifest, _, write in jobs:
-      _write(path, manifest, write, bar)
-  return [job[0] for job in jobs]
+  domains = [  # (directory, manifest, images, writer)
+      (source_dir, _manifest(seed=seed, num_source=num_source, source_size=list(source_size)),
+       num_source, lambda root, bar: _write_source(root, seed, num_source, source_size, bar)),
+      (target_dir, _manifest(seed=seed, counts=counts, target_size=list(target_size)),
+       sum(counts.values()),
+       lambda root, bar: _write_target(root, seed, counts, target_size, bar))]
+  todo = [d for d in domains if not os.path.isdir(d[0]) or _is_stale(d[0], d[1])]
+  if todo:
+    with tqdm.tqdm(total=sum(d[2] for d in todo), desc='toy data', unit='image') as bar:
+      for path, manifest, _, write in todo:
+        _write(path, manifest, write, bar)
+  return [d[0] for d in todo]
