@@ -1,6 +1,6 @@
 r"""Ablation of the method on the toy benchmark, over several seeds.
 
-  python benchmarks/toy_ablation.py --seeds=0,1,2 --root=runs/ablation [--jobs=2]
+  python benchmarks/toy_ablation.py --seeds=0,1,2 --root=runs/ablation [--jobs=2] [--set=F=V ...]
 
 Rows: source-only (adapt with the depth, density and adversarial terms off); + depth and density
 losses (adversarial term off); + adversarial (the full adapt stage); + self-training (the full
@@ -60,16 +60,19 @@ def main():
   parser.add_argument('--root', default='runs/ablation')
   parser.add_argument('--config', default='configs/toy.py')
   parser.add_argument('--jobs', type=int, default=1, help='runs at once')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='config override for every run, e.g. --set=optim.poly_horizon=1000')
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
+  common = [f'--config.{kv}' for kv in args.set]
   runs = []
   for seed in seeds:
     base = os.path.join(args.root, f'seed{seed}')
-    runs += [(os.path.join(base, 'full'), args.config, seed, ['all'], []),
+    runs += [(os.path.join(base, 'full'), args.config, seed, ['all'], common),
              (os.path.join(base, 'source_only'), args.config, seed, ['adapt'],
-              OFF['source_only']),
+              common + OFF['source_only']),
              (os.path.join(base, 'depth_density'), args.config, seed, ['fit_gmm', 'adapt'],
-              OFF['depth_density'])]
+              common + OFF['depth_density'])]
   # Concurrent runs share the toy data safely: generating and preparing it holds a lock.
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     for future in [pool.submit(run, *r) for r in runs]:

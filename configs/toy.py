@@ -41,8 +41,10 @@ def get_config():
 
   # A small network from scratch needs a larger step than fine-tuning ImageNet weights.
   c.optim.lr = 1e-2
-  c.optim.poly_horizon = 1_500
   c.adapt.num_steps = 1_000
+  # As in the original (90,000 and 90,000), the poly schedule reaches zero at the end of `adapt`;
+  # self-training restarts it. Set both when changing the length of `adapt`.
+  c.optim.poly_horizon = 1_000
   c.self_train.num_steps = 400
   # The grid is ~60x smaller than 161x96, so densities are ~60x larger: rescale g's constant
   # so the density targets use the same range as in the original.
