@@ -5,7 +5,7 @@
 Procedural street scenes are generated on first use into data/toy/ in the real datasets' file
 layouts (SYNTHIA-RAND-CITYSCAPES for the source, Cityscapes zips for the target) and read by the
 same loaders as the real data. 7 classes, a small ResNet (layers 1-1-1-1, width 16), 160x96
-input. About 5-6 minutes on 2 CPU cores (`make demo` from a fresh clone, data generation
+input. Expected: about 5-6 minutes on 2 CPU cores (`make demo` from a fresh clone, data generation
 included); README.md has the measured mIoU table.
 """
 

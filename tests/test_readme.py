@@ -163,3 +163,15 @@ def test_every_config_says_how_to_run_it_and_what_to_expect(name):
   assert re.search(r'Expected', doc) and re.search(r'\d+ (minutes|min|h)\b', doc), doc
   config = _config(os.path.join('configs', name))  # and it loads
   assert config.data.num_classes in (7, 16)
+
+
+@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(main_runs.ROOT,
+                                                                           'configs'))
+                                        if n.endswith('.py') and n not in ('__init__.py',
+                                                                           'common.py',
+                                                                           'test.py')))
+def test_learning_rate_reaches_zero_at_the_end_of_adaptation(name):
+  """METHOD §5: 90,000 iterations on a poly horizon of 90,000; self-training restarts it."""
+  config = _config(os.path.join('configs', name))
+  assert config.optim.poly_horizon == config.adapt.num_steps, name
+  assert config.self_train.num_steps <= config.optim.poly_horizon, name
