@@ -2,9 +2,10 @@ r"""How far one bfloat16 adapt step's update is from the float32 one, per parame
 
   python benchmarks/bf16_gradients.py [--seed=0]
 
-With the toy's network (configs/toy.py), from the same float32 state and one synthetic batch, runs `train.adapt_step` with
-`compute_dtype` float32 and bfloat16 (source-only and full loss weights) and prints, per
-parameter, the cosine between the two updates (lowest first) and their median. Also checks
+With the toy's network (configs/toy.py), from the same float32 state and one synthetic batch,
+runs `train.adapt_step` with `compute_dtype` float32 and bfloat16 (source-only and full loss
+weights) and prints, per parameter, the cosine between the two updates (lowest first) and their
+median. Also checks
 that a bfloat16 convolution's kernel gradient accumulates in float32: its error against a
 float32 convolution of the same bfloat16-rounded operands is then bfloat16's final rounding
 (~2^-9 relative).

@@ -20,6 +20,9 @@ README = os.path.join(main_runs.ROOT, 'README.md')
 _RUN_BY = {'depthuda.main': ('Makefile', 'tests/test_main.py'),
            'depthuda.predict': ('tests/test_predict.py',),
            'depthuda.convert': ('tests/test_convert.py',)}
+# The config files a user passes to --config.
+CONFIGS = sorted(n for n in os.listdir(os.path.join(main_runs.ROOT, 'configs'))
+                 if n.endswith('.py') and n not in ('__init__.py', 'common.py'))
 
 
 def _commands() -> list[str]:
@@ -149,10 +152,7 @@ def test_local_multiprocess_launcher_fits_what_one_process_fits(tmp_path_factory
       np.testing.assert_allclose(got['classes'][name][key], record[key], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(main_runs.ROOT,
-                                                                           'configs'))
-                                        if n.endswith('.py') and n not in ('__init__.py',
-                                                                           'common.py')))
+@pytest.mark.parametrize('name', CONFIGS)
 def test_every_config_says_how_to_run_it_and_what_to_expect(name):
   """Each experiment file starts with its command, then expected runtime and result."""
   path = os.path.join(main_runs.ROOT, 'configs', name)
@@ -165,11 +165,7 @@ def test_every_config_says_how_to_run_it_and_what_to_expect(name):
   assert config.data.num_classes in (7, 16)
 
 
-@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(main_runs.ROOT,
-                                                                           'configs'))
-                                        if n.endswith('.py') and n not in ('__init__.py',
-                                                                           'common.py',
-                                                                           'test.py')))
+@pytest.mark.parametrize('name', [n for n in CONFIGS if n != 'test.py'])  # test.py: a fixture
 def test_learning_rate_reaches_zero_at_the_end_of_adaptation(name):
   """METHOD §5: 90,000 iterations on a poly horizon of 90,000; self-training restarts it."""
   config = _config(os.path.join('configs', name))
