@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthuda.models.resnet import CONV_INIT, CONV_INITS, Conv1x1, resnet_trunk
+from depthuda.models.resnet import CONV_INIT, CONV_INITS, Conv1x1, channel_matmul, resnet_trunk
 
 # PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1 (new = 0.9 * old + 0.1 * batch), which
 # is Flax's momentum 0.9.
@@ -72,7 +72,7 @@ class ASPPClassifier(nn.Module):
                                for kernel, _ in convs], axis=1)
     bias = sum(b for _, b in convs)
     x, kernels, bias = nn.dtypes.promote_dtype(x, kernels, bias, dtype=self.dtype)
-    taps = jax.lax.dot_general(x, kernels, (((3,), (0,)), ((), ())))
+    taps = channel_matmul(x, kernels)
     logits = bias
     for i, d in enumerate(ASPP_DILATIONS):
       for row in range(3):

@@ -48,6 +48,19 @@ def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2, padding: int =
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
 
+def channel_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., C_in] times kernel [C_in, C_out] -> [..., C_out], as a product of 2-D matrices.
+
+  Flattening the leading axes first (a free reshape) matters on XLA's CPU backend: the kernel
+  gradient of a product that contracts a 4-D x over its last axis is, after JAX's transpose rule
+  and XLA's canonicalisation, computed with the output cotangent written out transposed, and
+  that copy (with BatchNorm's backward pass fused into it) reads its inputs at a stride of C_out
+  floats. The 2-D product's kernel gradient reads both operands in place (x^T g).
+  """
+  y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())))
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Conv1x1(nn.Module):
   """A 1x1 convolution written as a matrix product over channels; parameters as `nn.Conv`'s.
 
@@ -80,7 +93,7 @@ class Conv1x1(nn.Module):
             if self.use_bias else None)
     x = x[:, ::self.strides, ::self.strides]
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    y = channel_matmul(x, kernel[0, 0])
     return y if bias is None else y + bias
 
 
