@@ -309,7 +309,6 @@ def main():
   rows = [('compile (s)', lambda r: _fmt(r.get('compile_s'))),
           ('first iteration (s)', lambda r: _fmt(r['first_step_s'])),
           ('iteration, median (s)', lambda r: _fmt(r['median_s'], digits=3)),
-          ('iterations (s)', lambda r: ' '.join(f'{t:.1f}' for t in r['times'][:6])),
           ('peak memory in iterations (MiB)', lambda r: _fmt(r['peak_memory_bytes'], 2**20, 0)),
           ('XLA temporaries (MiB)', lambda r: _fmt(r.get('xla_temp_bytes'), 2**20, 0)),
           ('resident after imports (MiB)', lambda r: _fmt(r['rss_after_imports'], 2**20, 0)),
@@ -319,6 +318,9 @@ def main():
   print(f'{"":34}' + ''.join(f'{"depthuda" if n == "jax" else "PyTorch":>18}' for n in names))
   for label, fmt in rows:
     print(f'{label:34}' + ''.join(f'{fmt(fw[n]):>18}' for n in names))
+  for n in names:
+    print(f'{"depthuda" if n == "jax" else "PyTorch"} iterations (s): '
+          + ' '.join(f'{t:.2f}' for t in fw[n]['times']))
   if flops:
     print(f'step FLOPs (XLA cost analysis): {flops / 1e12:.3f} TFLOP')
   if len(names) == 2:
