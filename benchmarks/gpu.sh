@@ -6,8 +6,8 @@
 # 760x1280, ResNet-101, batch 1 source + 1 target, float32 then bfloat16; each run sets up both
 # frameworks and alternates their iterations (benchmarks/train_step.py). Reports compile time,
 # median iteration time, peak device memory and model FLOPs utilisation (FLOPs from XLA's cost
-# analysis of the compiled step). About 4 minutes on an H100; every run is capped so the whole
-# script ends within 5.
+# analysis of the compiled step), then the density targets' time on the device. About 4 minutes
+# on an H100; every run is capped so the whole script ends within 5.
 #
 # Needs Python with JAX (CUDA), Flax, Optax, ml_collections and PyTorch (CUDA); no TensorFlow.
 # ml_collections is pure Python: if it is missing, a wheel in .whl/ is used, else pip installs it.
@@ -33,8 +33,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 status=0
 for dtype in float32 bfloat16; do
-  timeout 140 "${PY}" benchmarks/train_step.py --height=760 --width=1280 --layers=101 \
+  timeout 135 "${PY}" benchmarks/train_step.py --height=760 --width=1280 --layers=101 \
     --steps="${STEPS}" --dtype="${dtype}" --json="${OUTDIR}/train_step_${dtype}.json" \
     2>&1 | tee "${OUTDIR}/train_step_${dtype}.log" || status=$?
 done
+# The density targets on the device, against the per-pixel loop (one row timed): their share
+# of the iteration is this time over the median iteration above.
+timeout 20 "${PY}" benchmarks/density.py --loop_rows=1 2>&1 | tee "${OUTDIR}/density.log" \
+  || status=$?
 exit "${status}"
