@@ -16,6 +16,12 @@ cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-runs/gpu_bench}}
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-10}
+# Smaller settings only to rehearse the script where there is no GPU (it then runs on the CPU):
+#   HEIGHT=97 WIDTH=97 LAYERS=tiny BASE_WIDTH=16 STEPS=2 bash benchmarks/gpu.sh /tmp/gpu_rehearsal
+HEIGHT=${HEIGHT:-760}
+WIDTH=${WIDTH:-1280}
+LAYERS=${LAYERS:-101}
+BASE_WIDTH=${BASE_WIDTH:-64}
 mkdir -p "${OUTDIR}"
 
 if ! "${PY}" -c 'import ml_collections' 2>/dev/null; then
@@ -27,14 +33,19 @@ if ! "${PY}" -c 'import ml_collections' 2>/dev/null; then
   export PYTHONPATH=/tmp/depthuda_site${PYTHONPATH:+:${PYTHONPATH}}
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-"${PY}" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.get_device_name(0))' \
+"${PY}" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch",
+  torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")' \
   | tee "${OUTDIR}/versions.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "${OUTDIR}/versions.txt"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+    | tee -a "${OUTDIR}/versions.txt"
+fi
 
 status=0
 for dtype in float32 bfloat16; do
-  timeout 135 "${PY}" benchmarks/train_step.py --height=760 --width=1280 --layers=101 \
-    --steps="${STEPS}" --dtype="${dtype}" --json="${OUTDIR}/train_step_${dtype}.json" \
+  timeout 135 "${PY}" benchmarks/train_step.py --height="${HEIGHT}" --width="${WIDTH}" \
+    --layers="${LAYERS}" --base_width="${BASE_WIDTH}" --steps="${STEPS}" --dtype="${dtype}" \
+    --json="${OUTDIR}/train_step_${dtype}.json" \
     2>&1 | tee "${OUTDIR}/train_step_${dtype}.log" || status=$?
 done
 # The density targets on the device, against the per-pixel loop (one row timed): their share
