@@ -107,16 +107,16 @@ def main():
   parser.add_argument('--layers', default='101')
   parser.add_argument('--base_width', type=int, default=64)
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  parser.add_argument('--threads', type=int, default=0, help='1: one core, XLA single-threaded')
+  parser.add_argument('--threads', type=int, default=0,
+                      help='N: the last N cores (1: XLA single-threaded too); 0: all')
   parser.add_argument('--top', type=int, default=25)
   parser.add_argument('--trace_dir', default='/tmp/depthuda_profile')
   args = parser.parse_args()
+  import train_step  # pylint: disable=import-outside-toplevel  # Imports no JAX.
+  train_step.pin_to_cores(args.threads)
   if args.threads == 1:
-    if hasattr(os, 'sched_setaffinity'):
-      os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[-1:])
-    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + train_step.XLA_ONE_THREAD
   import jax  # pylint: disable=import-outside-toplevel  # After XLA_FLAGS is set.
-  import train_step  # pylint: disable=import-outside-toplevel
 
   session = train_step.JaxSession(argparse.Namespace(**vars(args), profile_dir=''))
   print(f'compile {session.info["compile_s"]:.1f} s')

@@ -41,6 +41,7 @@ LAYERS = {'101': (3, 4, 23, 3), '50': (3, 4, 6, 3), '18ish': (2, 2, 2, 2), 'tiny
 # allow_tf32). Vendor datasheet figures (SXM parts).
 PEAK_TFLOPS = {'H200': (989.0, 495.0), 'H100': (989.0, 495.0), 'A100': (312.0, 156.0)}
 _REPLY = '@@'
+XLA_ONE_THREAD = '--xla_cpu_multi_thread_eigen=false'  # XLA CPU's Eigen ops on the calling thread.
 
 
 def _reply(obj: dict) -> None:
@@ -182,11 +183,15 @@ class TorchSession:
     return int(self.torch.cuda.max_memory_allocated()) if self.cuda else None
 
 
+def pin_to_cores(threads: int) -> None:
+  """Runs this process on the last `threads` cores (0: all), the same ones for every worker."""
+  if threads and hasattr(os, 'sched_setaffinity'):
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[-threads:])
+
+
 def worker(args) -> None:
   """Sets up one framework, then serves `step` / `done` commands read from stdin."""
-  if args.threads and hasattr(os, 'sched_setaffinity'):
-    # Both workers on the same cores: neither runs more threads at once than the other.
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[-args.threads:])
+  pin_to_cores(args.threads)  # Neither worker runs more threads at once than the other.
   if args.worker == 'jax':
     import jax  # pylint: disable=unused-import
   else:
@@ -228,7 +233,7 @@ class Worker:
     # Two frameworks share the device: JAX must not reserve most of its memory up front.
     env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     if name == 'jax' and threads == 1:
-      env['XLA_FLAGS'] = env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
+      env['XLA_FLAGS'] = env.get('XLA_FLAGS', '') + ' ' + XLA_ONE_THREAD
     self.name = name
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f'--worker={name}']
                                  + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

@@ -168,7 +168,7 @@ def test_conv1x1_kernel_gradient_is_not_written_transposed():
   """The 1x1 kernel gradient x^T g reads BatchNorm's backward output in place (XLA CPU).
 
   Contracting a 4-D x over its last axis made XLA write g out transposed, with BatchNorm's
-  backward pass fused into that strided copy: 8% of a 321x321 ResNet-101 step.
+  backward pass fused into that strided copy: 12% of a 321x321 ResNet-101 step.
   """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   class Block(nn.Module):
