@@ -1,0 +1,119 @@
+r"""The ResNet-101 step's largest operations, one by one: XLA (YNNPACK, Eigen) against PyTorch.
+
+  python benchmarks/conv_rates.py                # one core: both pinned, single-threaded
+  python benchmarks/conv_rates.py --threads=0    # all cores, each framework's default threads
+
+At a 321x321 input the trunk runs at a 41x41 grid (output stride 8). Timed, per operation:
+forward alone, then forward with both gradients (input and weight), for
+- the 3x3 convolutions of layer3 (256 channels, dilation 2) and layer4 (512, dilation 4),
+  half of a step's time;
+- a 1x1 convolution of layer3 as a matrix product (1024 -> 256 channels).
+Both frameworks get the same shapes and the same operations (`conv_general_dilated` /
+`F.conv2d`, `dot` / `@`), alternate in `--repeats` rounds of `--iters` calls, and each
+operation reports its best round's time per call and the rate in GFLOP/s. `train_step.py`
+times the whole iteration; this separates the kernels from the rest of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # pylint: disable=wrong-import-position  # Imports no JAX.
+
+GRID = 41
+# name, input channels, output channels, kernel side, dilation
+OPS = (('layer3 3x3, dilation 2', 256, 256, 3, 2),
+       ('layer4 3x3, dilation 4', 512, 512, 3, 4),
+       ('layer3 1x1 (product)', 1024, 256, 1, 1))
+
+
+def jax_ops(c_in, c_out, k, d):
+  """(forward, forward + both gradients) as jitted functions of (x, w), and their arguments."""
+  import jax
+  import jax.numpy as jnp
+  x = jax.random.normal(jax.random.key(0), (1, GRID, GRID, c_in))
+  w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out)) * 0.01
+  if k == 1:
+    def forward(x, w):
+      return jnp.dot(x.reshape(-1, c_in), w[0, 0])
+  else:
+    def forward(x, w):
+      return jax.lax.conv_general_dilated(x, w, (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  both = jax.grad(lambda x, w: jnp.sum(forward(x, w) ** 2), argnums=(0, 1))
+  return jax.jit(forward), jax.jit(both), (x, w), jax.block_until_ready
+
+
+def torch_ops(c_in, c_out, k, d):
+  import torch
+  import torch.nn.functional as F
+  gen = torch.Generator().manual_seed(0)
+  x = torch.randn(1, c_in, GRID, GRID, generator=gen)
+  w = (torch.randn(c_out, c_in, k, k, generator=gen) * 0.01)
+  if k == 1:
+    x = x.permute(0, 2, 3, 1).reshape(-1, c_in).contiguous()
+    w = w[:, :, 0, 0].t().contiguous()
+    def forward(x, w):
+      return x @ w
+  else:
+    def forward(x, w):
+      return F.conv2d(x, w, padding=d, dilation=d)
+  def both(x, w):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    forward(x, w).pow(2).sum().backward()
+    return x.grad, w.grad
+  def no_grad_forward(x, w):
+    with torch.no_grad():
+      return forward(x, w)
+  return no_grad_forward, both, (x, w), lambda out: out
+
+
+def best_ms(fn, args, ready, iters, rounds):
+  """Best over `rounds` of the mean time per call of `iters` calls."""
+  ready(fn(*args))
+  best = float('inf')
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    ready(out)
+    best = min(best, (time.perf_counter() - start) / iters)
+  return 1e3 * best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--threads', type=int, default=1,
+                      help='1: one core, both single-threaded; N: the last N cores; 0: all')
+  parser.add_argument('--iters', type=int, default=10, help='calls per round')
+  parser.add_argument('--repeats', type=int, default=3, help='rounds, alternating frameworks')
+  args = parser.parse_args()
+  train_step.pin_to_cores(args.threads)
+  if args.threads == 1:
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + train_step.XLA_ONE_THREAD
+  import torch  # pylint: disable=import-outside-toplevel  # After the cores are chosen.
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  print(f'{GRID}x{GRID} grid, float32, threads: {args.threads or "default"}; best of '
+        f'{args.repeats} rounds of {args.iters} calls; ms per call (GFLOP/s)')
+  print(f'{"operation":48s} {"XLA":>16s} {"PyTorch":>16s} {"XLA / PyTorch":>14s}')
+  for name, c_in, c_out, k, d in OPS:
+    flops = 2.0 * GRID * GRID * c_in * c_out * k * k
+    made = {'jax': jax_ops(c_in, c_out, k, d), 'torch': torch_ops(c_in, c_out, k, d)}
+    for part, index, passes in (('forward', 0, 1), ('forward + both gradients', 1, 3)):
+      times = {fw: float('inf') for fw in made}
+      for _ in range(args.repeats):
+        for fw, (forward, both, fn_args, ready) in made.items():
+          fn = (forward, both)[index]
+          times[fw] = min(times[fw], best_ms(fn, fn_args, ready, args.iters, 1))
+      cells = [f'{times[fw]:7.1f} ({passes * flops / times[fw] / 1e6:4.0f})' for fw in made]
+      print(f'{name + ", " + part:48s} {cells[0]:>16s} {cells[1]:>16s} '
+            f'{times["jax"] / times["torch"]:13.2f}x', flush=True)
+
+
+if __name__ == '__main__':
+  main()
