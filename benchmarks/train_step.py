@@ -89,6 +89,8 @@ class JaxSession:
     config.model.layers = LAYERS.get(args.layers) or tuple(int(n) for n in args.layers.split(','))
     config.model.width = args.base_width
     config.compute_dtype = args.dtype
+    if getattr(args, 'source_only', False):
+      config.loss.lambda_adv = config.loss.lambda_bal_tgt = 0.0
     self.device = jax.local_devices()[0]
     mesh = train.make_mesh([self.device])
     seg, disc = train.build_models(config)
@@ -130,6 +132,7 @@ class JaxSession:
     memory = self.step_fn.memory_analysis()
     if memory is not None:
       self.info['xla_temp_bytes'] = int(memory.temp_size_in_bytes)
+      self.info['xla_argument_bytes'] = int(memory.argument_size_in_bytes)
     self.info['params'] = sum(x.size for x in jax.tree.leaves(state.params))
     self.info['device_kind'] = self.device.device_kind
     self.profile_dir = args.profile_dir
@@ -200,6 +203,9 @@ def worker(args) -> None:
       torch.set_num_threads(args.threads)
   rss_imports = _proc_status('VmRSS')
   session = (JaxSession if args.worker == 'jax' else TorchSession)(args)
+  if args.compile_only:
+    _reply({'event': 'ready', **session.info})
+    return
   start = time.perf_counter()
   session.step()  # Warm-up: the first call (PyTorch's allocator and kernel caches).
   session.info['first_step_s'] = time.perf_counter() - start
@@ -254,6 +260,23 @@ def _fmt(value, scale=1.0, digits=2) -> str:
   return '-' if value is None else f'{value / scale:.{digits}f}'
 
 
+def compile_only(args, info: dict) -> None:
+  """Prints what XLA reports for the compiled step without running it."""
+  print(f'adapt step, {args.height}x{args.width}, ResNet blocks '
+        f'{LAYERS.get(args.layers) or args.layers}, width {args.base_width}, {args.dtype}, '
+        f'batch 1 source{"" if args.source_only else " + 1 target"}, compiled for '
+        f'{info["device_kind"]}, not run')
+  gib = lambda key: info.get(key, 0) / 2**30  # pylint: disable=unnecessary-lambda-assignment
+  print(f'compile {info["compile_s"]:.1f} s; {info["flops"] / 1e12:.3f} TFLOP per iteration '
+        f'(XLA cost analysis); parameters {info["params"]:,}')
+  print(f'XLA buffers: arguments (state, batch, GMMs) {gib("xla_argument_bytes"):.2f} GiB + '
+        f'temporaries {gib("xla_temp_bytes"):.2f} GiB = '
+        f'{gib("xla_argument_bytes") + gib("xla_temp_bytes"):.2f} GiB')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'args': vars(args), 'date': time.strftime('%Y-%m-%d'), 'jax': info}, f, indent=1)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--height', type=int, default=321)
@@ -273,12 +296,24 @@ def main():
                       help='device peak for the MFU (default: known GPUs by name)')
   parser.add_argument('--profile_dir', default='', help='jax.profiler trace of one depthuda step')
   parser.add_argument('--json', default='', help='also write the results to this file')
+  parser.add_argument('--compile_only', action='store_true',
+                      help="depthuda's step compiled, not run: compile time, FLOPs and XLA's "
+                           'temporaries (a full-resolution estimate on a CPU)')
+  parser.add_argument('--source_only', action='store_true',
+                      help='depthuda without the target pass (no adversarial or target density '
+                           'loss): with --compile_only, what one domain holds')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args, _ = parser.parse_known_args()
   if args.worker:
     return worker(args)
 
+  if args.source_only and not args.compile_only:
+    parser.error('--source_only is for --compile_only (the PyTorch reference has no such mode)')
   argv = [a for a in sys.argv[1:] if not a.startswith('--json')]
+  if args.compile_only:
+    jax_worker = Worker('jax', argv, args.threads)
+    compile_only(args, jax_worker.request())
+    return jax_worker.proc.wait()
   names = [n for n in args.frameworks.split(',') if n]
   ready, times = {}, {n: [] for n in names}
   workers = {}

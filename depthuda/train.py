@@ -5,8 +5,9 @@ loss terms, and updates the segmenter and the discriminator from the same pre-st
 `self_train_step` is the pseudo-label cross-entropy step. Both are written per device and mapped
 over the `data` axis of a mesh with `jax.shard_map` inside `jax.jit` (`make_sharded_step`):
 every loss is reduced over the global batch (sums and maxima over the axis), so each device
-holds the global loss and, since the parameters are replicated, `grad` returns the global
-gradient (shard_map transposes the implicit broadcast of the parameters into a sum). BatchNorm
+holds the global loss; the gradients of the device's share are summed over the axis (an
+explicit `psum` in `adapt_step`, shard_map's transpose of the parameters' implicit broadcast
+elsewhere), which gives the global gradient. BatchNorm
 running statistics are averaged with `lax.pmean`. N devices give the single-device result.
 """
 
@@ -157,7 +158,11 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
     up_dens = losses.upsample_bilinear(dens.astype(jnp.float32), size)
     return losses.entropy_map(up_seg) * up_dens
 
-  def segmenter_loss(params):
+  def weighted_sum(terms: dict) -> jax.Array:
+    return sum(getattr(lam, 'lambda_' + name[len('loss_'):]) * value
+               for name, value in terms.items())
+
+  def source_loss(params):
     (seg_s, dens_s, dep_s), stats = _forward(seg, params, state.batch_stats, src['image'], train_bn)
     seg_s, dens_s, dep_s = (x.astype(jnp.float32) for x in (seg_s, dens_s, dep_s))
     grid = seg_s.shape[1:3]
@@ -174,32 +179,50 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
     else:
       terms['loss_bal_src'] = jnp.zeros(())
     aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s))} if use_disc else {}
-    if use_target:
-      (seg_t, dens_t, dep_t), stats = _forward(seg, params, stats, tgt['image'], train_bn)
-      seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
-      if lam.lambda_bal_tgt > 0:
-        tgt_target = density.target_density_target(
-            gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]), scale)
-        terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
-      else:
-        terms['loss_bal_tgt'] = jnp.zeros(())
-      if use_disc:
-        d_tgt = disc_input(seg_t, dens_t)
-        aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
-        # D's parameters are read, not differentiated: `params` is the only argument of grad.
-        terms['loss_adv'] = losses.bce_with_logits(disc.apply(state.disc_params, d_tgt), 0.0,
-                                                   axis_name)
-      else:
-        terms['loss_adv'] = jnp.zeros(())
-    else:
-      terms['loss_bal_tgt'] = terms['loss_adv'] = jnp.zeros(())
-    total = (lam.lambda_seg * terms['loss_seg'] + lam.lambda_depth * terms['loss_depth']
-             + lam.lambda_bal_src * terms['loss_bal_src'] + lam.lambda_bal_tgt * terms['loss_bal_tgt']
-             + lam.lambda_adv * terms['loss_adv'])
-    return total, (terms, stats, aux)
+    return weighted_sum(terms), (terms, stats, aux)
 
-  (total, (terms, new_stats, aux)), grads = jax.value_and_grad(segmenter_loss, has_aux=True)(
-      state.params)
+  def target_loss(params, batch_stats, images):
+    (seg_t, dens_t, dep_t), stats = _forward(seg, params, batch_stats, images, train_bn)
+    seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
+    terms, aux = {}, {}
+    if lam.lambda_bal_tgt > 0:
+      tgt_target = density.target_density_target(
+          gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]), scale)
+      terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
+    else:
+      terms['loss_bal_tgt'] = jnp.zeros(())
+    if use_disc:
+      d_tgt = disc_input(seg_t, dens_t)
+      aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
+      # D's parameters are read, not differentiated: `params` is the only argument of grad.
+      terms['loss_adv'] = losses.bce_with_logits(disc.apply(state.disc_params, d_tgt), 0.0,
+                                                 axis_name)
+    else:
+      terms['loss_adv'] = jnp.zeros(())
+    return weighted_sum(terms), (terms, stats, aux)
+
+  # Two gradients, source then target, summed: the gradient of the summed loss, since each
+  # domain's BatchNorm uses its own batch statistics. The barrier makes the target pass wait for
+  # the whole source gradient; XLA keeps that order through scheduling on GPU and TPU, so the
+  # source activations are freed before the target's exist, as in the original's two
+  # backward() calls (about half the activation memory). XLA's CPU pipeline drops the barrier
+  # before scheduling, where it changes nothing. The gradients are taken per device (w.r.t. a
+  # device-varying view of the parameters), so that they can share the barrier with the target
+  # images, and summed over the devices once at the end.
+  params = state.params if axis_name is None else jax.lax.pcast(state.params, axis_name,
+                                                                 to='varying')
+  (total, (terms, new_stats, aux)), grads = jax.value_and_grad(source_loss, has_aux=True)(params)
+  if use_target:
+    grads, new_stats, tgt_images = jax.lax.optimization_barrier(
+        (grads, new_stats, tgt['image']))
+    (total_t, (terms_t, new_stats, aux_t)), grads_t = jax.value_and_grad(
+        target_loss, has_aux=True)(params, new_stats, tgt_images)
+    grads = jax.tree.map(jnp.add, grads, grads_t)
+    total, terms, aux = total + total_t, {**terms, **terms_t}, {**aux, **aux_t}
+  else:
+    terms['loss_bal_tgt'] = terms['loss_adv'] = jnp.zeros(())
+  if axis_name is not None:
+    grads = jax.lax.psum(grads, axis_name)
   metrics = dict(terms, loss=total)
   if axis_name is not None:
     new_stats = jax.lax.pmean(new_stats, axis_name)

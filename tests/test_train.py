@@ -175,3 +175,69 @@ def test_optimizers_match_pytorch(steps):
       updates, state = tx.update({'w': jnp.asarray(g)}, state, params)
       params = jax.tree.map(lambda p, u: p + u, params, updates)
     np.testing.assert_allclose(np.asarray(params['w']), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _jaxprs_with(jaxpr, primitive: str):
+  """The (sub)jaxprs of `jaxpr` that contain an equation of `primitive`."""
+  found = []
+  if any(eqn.primitive.name == primitive for eqn in jaxpr.eqns):
+    found.append(jaxpr)
+  for eqn in jaxpr.eqns:
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          found += _jaxprs_with(sub, primitive)
+  return found
+
+
+def test_target_pass_waits_for_the_whole_source_gradient():
+  """The target images reach the network only through a barrier with every source gradient
+  (and the BN statistics), so on GPU/TPU the source activations are freed first."""
+  config = _config()
+  mesh = train.make_mesh(jax.devices()[:2])
+  seg, disc = train.build_models(config)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  state = train.replicate(state, mesh)
+  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+                                 disc_tx=disc_tx, config=config)
+  batch = train.shard_batch(_batches(1, 2, config)[0], mesh)
+  closed = jax.make_jaxpr(step)(state, batch, train.replicate(_gmm_params(), mesh))
+  (inner,) = _jaxprs_with(closed.jaxpr, 'optimization_barrier')
+  (barrier,) = [e for e in inner.eqns if e.primitive.name == 'optimization_barrier']
+  n_params = len(jax.tree.leaves(state.params))
+  assert len(barrier.invars) == n_params + len(jax.tree.leaves(state.batch_stats)) + 1
+  # The per-device target images (the shard_map body's input) have no other consumer.
+  target = barrier.invars[-1]
+  assert target in inner.invars and target.aval.shape == (1, 32, 48, 3)
+  consumers = [e for e in inner.eqns if any(v is target for v in e.invars)]
+  assert consumers == [barrier]
+  # Each gradient operand is the gradient of one parameter (same shapes, same order).
+  shapes = [p.shape for p in jax.tree.leaves(state.params)]
+  assert [v.aval.shape for v in barrier.invars[:n_params]] == shapes
+
+
+def test_two_gradients_equal_the_gradient_of_the_summed_loss():
+  """adapt_step's source-then-target gradients against one `grad` of the summed losses."""
+  config = _config(**{'model.bn_sync': False})
+  assert config.loss.lambda_adv > 0 and config.loss.lambda_bal_tgt > 0  # Both target terms on.
+  seg, disc = train.build_models(config, axis_name=None)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  batch = jax.tree.map(jnp.asarray, _batches(1, 2, config)[0])
+  gmm_params = _gmm_params()
+  captured = {}
+  def capture(grads, opt_state, params):  # An optimizer that records the gradient it gets.
+    captured['grads'] = grads
+    return seg_tx.update(grads, opt_state, params)
+  tx = seg_tx._replace(update=capture)
+  train.adapt_step(state, batch, gmm_params, seg=seg, disc=disc, seg_tx=tx, disc_tx=disc_tx,
+                   config=config, axis_name=None)
+  # Reference: jax.grad of the step's reported total loss (source and target terms together)
+  # as a function of the parameters.
+  def total(params):
+    _, m = train.adapt_step(state.replace(params=params), batch, gmm_params, seg=seg, disc=disc,
+                            seg_tx=seg_tx, disc_tx=disc_tx, config=config, axis_name=None)
+    return m['loss']
+  want = jax.grad(total)(state.params)
+  for a, b in zip(jax.tree.leaves(captured['grads']), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b))) + 1e-12)
