@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end at tiny sizes (their numbers are for benchmarks/RESULTS.md).
+
+`benchmarks/gpu.sh` is run on a GPU host, possibly once: rehearsing it here, at a tiny size on
+the CPU, keeps a broken flag or import from costing that run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(command, env=None, timeout=300):
+  result = subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  return result.stdout
+
+
+def test_gpu_script_rehearsed_on_cpu_writes_both_precisions(tmp_path):
+  out = _run(['bash', 'benchmarks/gpu.sh', str(tmp_path)],
+             env={'HEIGHT': '49', 'WIDTH': '65', 'LAYERS': 'tiny', 'BASE_WIDTH': '8',
+                  'STEPS': '2', 'PYTHON': sys.executable})
+  assert 'no CUDA' in out  # The rehearsal ran on the CPU.
+  for dtype in ('float32', 'bfloat16'):
+    with open(tmp_path / f'train_step_{dtype}.json') as f:
+      results = json.load(f)
+    assert results['args']['dtype'] == dtype and results['args']['height'] == 49
+    jax_run, torch_run = results['frameworks']['jax'], results['frameworks']['torch']
+    assert len(jax_run['times']) == len(torch_run['times']) == 2
+    assert jax_run['params'] == torch_run['params'] > 0  # The same networks.
+    assert jax_run['flops'] > 0 and results['time_ratio'] > 0
+    assert not jax_run['tensorflow_imported']  # The GPU host has no TensorFlow.
+  density = dict(line.rsplit(None, 1) for line in
+                 (tmp_path / 'density.log').read_text().splitlines()[1:])
+  assert float(density['ratio loop / jitted'].rstrip('x')) > 1
+  assert float(density['max |difference| (0-255 scale)']) < 1e-2  # Against the per-pixel loop.
+
+
+def test_profile_step_attributes_the_step_to_source_files(tmp_path):
+  out = _run([sys.executable, 'benchmarks/profile_step.py', '--layers=tiny', '--height=49',
+              '--width=65', '--base_width=8', '--top=5', f'--trace_dir={tmp_path}'])
+  share = {}
+  for line in out.split('by source')[1].splitlines()[1:]:
+    seconds, percent, group = line.split(maxsplit=2)
+    share[group] = float(percent.rstrip('%'))
+  assert abs(sum(share.values()) - 100) < 0.1
+  assert share['model'] > 50  # The network dominates even at this size.
+  assert 'density targets, GMM' in share and 'losses' in share
+
+
+def test_compile_only_counts_more_for_two_domains_than_one(tmp_path):
+  def compiled(*flags):
+    out = _run([sys.executable, 'benchmarks/train_step.py', '--layers=tiny', '--height=49',
+                '--width=65', '--base_width=8', '--compile_only', f'--json={tmp_path}/r.json',
+                *flags])
+    assert 'XLA buffers: arguments' in out
+    with open(tmp_path / 'r.json') as f:
+      return json.load(f)['jax']
+  both, one = compiled(), compiled('--source_only')
+  # The target pass adds a segmenter pass and, at this tiny width, a larger discriminator's.
+  assert both['flops'] > 2 * one['flops'] > 0
+  assert one['xla_temp_bytes'] < both['xla_temp_bytes']
+  assert one['params'] == both['params']
