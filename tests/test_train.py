@@ -225,19 +225,22 @@ def test_two_gradients_equal_the_gradient_of_the_summed_loss():
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
   batch = jax.tree.map(jnp.asarray, _batches(1, 2, config)[0])
   gmm_params = _gmm_params()
-  captured = {}
-  def capture(grads, opt_state, params):  # An optimizer that records the gradient it gets.
-    captured['grads'] = grads
-    return seg_tx.update(grads, opt_state, params)
-  tx = seg_tx._replace(update=capture)
-  train.adapt_step(state, batch, gmm_params, seg=seg, disc=disc, seg_tx=tx, disc_tx=disc_tx,
-                   config=config, axis_name=None)
+  def step_gradient(state):
+    captured = {}
+    def capture(grads, opt_state, params):  # An optimizer that records the gradient it gets.
+      captured['grads'] = grads
+      return seg_tx.update(grads, opt_state, params)
+    train.adapt_step(state, batch, gmm_params, seg=seg, disc=disc,
+                     seg_tx=seg_tx._replace(update=capture), disc_tx=disc_tx, config=config,
+                     axis_name=None)
+    return captured['grads']
+  got = jax.jit(step_gradient)(state)
   # Reference: jax.grad of the step's reported total loss (source and target terms together)
   # as a function of the parameters.
   def total(params):
     _, m = train.adapt_step(state.replace(params=params), batch, gmm_params, seg=seg, disc=disc,
                             seg_tx=seg_tx, disc_tx=disc_tx, config=config, axis_name=None)
     return m['loss']
-  want = jax.grad(total)(state.params)
-  for a, b in zip(jax.tree.leaves(captured['grads']), jax.tree.leaves(want)):
+  want = jax.jit(jax.grad(total))(state.params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b))) + 1e-12)
