@@ -72,17 +72,13 @@ def torch_ops(c_in, c_out, k, d):
   return no_grad_forward, both, (x, w), lambda out: out
 
 
-def best_ms(fn, args, ready, iters, rounds):
-  """Best over `rounds` of the mean time per call of `iters` calls."""
-  ready(fn(*args))
-  best = float('inf')
-  for _ in range(rounds):
-    start = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    ready(out)
-    best = min(best, (time.perf_counter() - start) / iters)
-  return 1e3 * best
+def mean_ms(fn, args, ready, iters):
+  """Mean time per call of `iters` calls, in ms."""
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = fn(*args)
+  ready(out)
+  return 1e3 * (time.perf_counter() - start) / iters
 
 
 def main():
@@ -105,11 +101,13 @@ def main():
     flops = 2.0 * GRID * GRID * c_in * c_out * k * k
     made = {'jax': jax_ops(c_in, c_out, k, d), 'torch': torch_ops(c_in, c_out, k, d)}
     for part, index, passes in (('forward', 0, 1), ('forward + both gradients', 1, 3)):
-      times = {fw: float('inf') for fw in made}
-      for _ in range(args.repeats):
-        for fw, (forward, both, fn_args, ready) in made.items():
-          fn = (forward, both)[index]
-          times[fw] = min(times[fw], best_ms(fn, fn_args, ready, args.iters, 1))
+      calls = {fw: (ops[index], fn_args, ready) for fw, (*ops, fn_args, ready) in made.items()}
+      for fn, fn_args, ready in calls.values():
+        ready(fn(*fn_args))  # Compile / warm up.
+      times = {fw: float('inf') for fw in calls}
+      for _ in range(args.repeats):  # Alternating frameworks.
+        for fw, call in calls.items():
+          times[fw] = min(times[fw], mean_ms(*call, args.iters))
       cells = [f'{times[fw]:7.1f} ({passes * flops / times[fw] / 1e6:4.0f})' for fw in made]
       print(f'{name + ", " + part:48s} {cells[0]:>16s} {cells[1]:>16s} '
             f'{times["jax"] / times["torch"]:13.2f}x', flush=True)

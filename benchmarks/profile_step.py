@@ -118,7 +118,8 @@ def main():
     os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + train_step.XLA_ONE_THREAD
   import jax  # pylint: disable=import-outside-toplevel  # After XLA_FLAGS is set.
 
-  session = train_step.JaxSession(argparse.Namespace(**vars(args), profile_dir=''))
+  session = train_step.JaxSession(argparse.Namespace(**vars(args), profile_dir='',
+                                                    source_only=False))
   print(f'compile {session.info["compile_s"]:.1f} s')
   for _ in range(2):
     start = time.perf_counter()

@@ -89,7 +89,7 @@ class JaxSession:
     config.model.layers = LAYERS.get(args.layers) or tuple(int(n) for n in args.layers.split(','))
     config.model.width = args.base_width
     config.compute_dtype = args.dtype
-    if getattr(args, 'source_only', False):
+    if args.source_only:
       config.loss.lambda_adv = config.loss.lambda_bal_tgt = 0.0
     self.device = jax.local_devices()[0]
     mesh = train.make_mesh([self.device])
@@ -266,12 +266,12 @@ def compile_only(args, info: dict) -> None:
         f'{LAYERS.get(args.layers) or args.layers}, width {args.base_width}, {args.dtype}, '
         f'batch 1 source{"" if args.source_only else " + 1 target"}, compiled for '
         f'{info["device_kind"]}, not run')
-  gib = lambda key: info.get(key, 0) / 2**30  # pylint: disable=unnecessary-lambda-assignment
+  arguments, temporaries = (info.get(k, 0) / 2**30 for k in ('xla_argument_bytes',
+                                                             'xla_temp_bytes'))
   print(f'compile {info["compile_s"]:.1f} s; {info["flops"] / 1e12:.3f} TFLOP per iteration '
         f'(XLA cost analysis); parameters {info["params"]:,}')
-  print(f'XLA buffers: arguments (state, batch, GMMs) {gib("xla_argument_bytes"):.2f} GiB + '
-        f'temporaries {gib("xla_temp_bytes"):.2f} GiB = '
-        f'{gib("xla_argument_bytes") + gib("xla_temp_bytes"):.2f} GiB')
+  print(f'XLA buffers: arguments (state, batch, GMMs) {arguments:.2f} GiB + '
+        f'temporaries {temporaries:.2f} GiB = {arguments + temporaries:.2f} GiB')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'date': time.strftime('%Y-%m-%d'), 'jax': info}, f, indent=1)

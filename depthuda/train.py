@@ -221,10 +221,9 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
     total, terms, aux = total + total_t, {**terms, **terms_t}, {**aux, **aux_t}
   else:
     terms['loss_bal_tgt'] = terms['loss_adv'] = jnp.zeros(())
-  if axis_name is not None:
-    grads = jax.lax.psum(grads, axis_name)
   metrics = dict(terms, loss=total)
   if axis_name is not None:
+    grads = jax.lax.psum(grads, axis_name)
     new_stats = jax.lax.pmean(new_stats, axis_name)
   updates, opt_state = seg_tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

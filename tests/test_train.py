@@ -49,16 +49,21 @@ def _batches(num, batch, config, seed=0):
   return out
 
 
+def _sharded_adapt_step(config, devices):
+  """(mesh, replicated initial state, jitted adapt step) over `devices` (None: all)."""
+  mesh = train.make_mesh(devices)
+  seg, disc = train.build_models(config)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+                                 disc_tx=disc_tx, config=config)
+  return mesh, train.replicate(state, mesh), step
+
+
 def _steps(config, devices, batches, local=slice(None)):
   """Adapt steps over `devices` (None: all, of all processes) on global `batches`, each process
   feeding its `local` part. Returns the state on device, the metrics (replicated, so any
   device's copy is the value) on the host, and the step function."""
-  mesh = train.make_mesh(devices)
-  seg, disc = train.build_models(config)
-  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
-  state = train.replicate(state, mesh)
-  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
-                                 disc_tx=disc_tx, config=config)
+  mesh, state, step = _sharded_adapt_step(config, devices)
   params = train.replicate(_gmm_params(), mesh)
   history = []
   for batch in batches:
@@ -195,12 +200,7 @@ def test_target_pass_waits_for_the_whole_source_gradient():
   """The target images reach the network only through a barrier with every source gradient
   (and the BN statistics), so on GPU/TPU the source activations are freed first."""
   config = _config()
-  mesh = train.make_mesh(jax.devices()[:2])
-  seg, disc = train.build_models(config)
-  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
-  state = train.replicate(state, mesh)
-  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
-                                 disc_tx=disc_tx, config=config)
+  mesh, state, step = _sharded_adapt_step(config, jax.devices()[:2])
   batch = train.shard_batch(_batches(1, 2, config)[0], mesh)
   closed = jax.make_jaxpr(step)(state, batch, train.replicate(_gmm_params(), mesh))
   (inner,) = _jaxprs_with(closed.jaxpr, 'optimization_barrier')
