@@ -224,11 +224,28 @@ def _to_chunks(points, mask, chunk_size: int):
 
 
 def _sum_chunks(class_fn, frame: _Frame, class_params, chunks) -> SufficientStats:
-  """`_over_classes` summed over the chunks with lax.scan (bounded memory)."""
+  """`_over_classes` summed over the chunks (bounded memory), one chunk per loop iteration.
+
+  The loop carries the chunk it works on and loads the next one for the following iteration.
+  Indexing the chunks inside the iteration that uses them lets XLA's CPU backend fuse that
+  dynamic slice into every elementwise fusion of the E-step, and the fusions then run several
+  times slower (the exponential's: 2.3 ms per 8192-point chunk of 16 classes instead of 0.2).
+  A chunk carried over is a plain buffer: the whole E-step runs 2.7x faster on CPU.
+  """
   stats_fn = functools.partial(_over_classes, class_fn, frame, class_params)
-  shapes = jax.eval_shape(stats_fn, chunks[0][0], chunks[1][0])
+  num_chunks = chunks[0].shape[0]
+  first = jax.tree.map(lambda a: a[0], chunks)
+  shapes = jax.eval_shape(stats_fn, *first)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  return lax.scan(lambda total, c: (total + stats_fn(*c), None), zeros, chunks)[0]
+
+  def add_chunk(i, carry):
+    total, current = carry
+    following = jnp.minimum(i + 1, num_chunks - 1)
+    loaded = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, following, keepdims=False),
+                          chunks)
+    return total + stats_fn(*current), loaded
+
+  return lax.fori_loop(0, num_chunks, add_chunk, (zeros, first))[0]
 
 
 @functools.partial(jax.jit, static_argnames=('num_components', 'chunk_size'))
@@ -331,12 +348,33 @@ def fit(points: jax.Array, mask: jax.Array, num_components: int = 5, seed: int =
   return (params, info) if return_info else params
 
 
-def _pieces(points, mask, size: int):
-  """A chunk cut along N into pieces of one size (zero-padded), so one compilation serves all."""
-  for start in range(0, points.shape[-2], size):
-    p, m = np.asarray(points[..., start:start + size, :]), np.asarray(mask[..., start:start + size])
-    pad = size - p.shape[-2]
-    yield np.pad(p, [(0, 0)] * (p.ndim - 2) + [(0, pad), (0, 0)]), np.pad(m, [(0, 0), (0, pad)])
+# fit_streaming sums up to this many pieces of `chunk_size` points per jitted call.
+_PIECES_PER_CALL = 16
+
+
+def _piece_stacks(points, mask, size: int):
+  """A chunk cut along N into pieces of `size` points, in stacks of up to _PIECES_PER_CALL.
+
+  Yields points [..., G, size, D] and mask [C, G, size] (numpy), G a power of two so that a
+  few compilations serve every chunk length; the padding (points and whole pieces) is masked.
+  """
+  num_points = points.shape[-2]
+  num_pieces = -(-num_points // size)
+  for first in range(0, num_pieces, _PIECES_PER_CALL):
+    group = 1 << (min(_PIECES_PER_CALL, num_pieces - first) - 1).bit_length()
+    lo, hi = first * size, (first + group) * size
+    p, m = np.asarray(points[..., lo:hi, :]), np.asarray(mask[..., lo:hi])
+    pad = hi - lo - p.shape[-2]
+    p = np.pad(p, [(0, 0)] * (p.ndim - 2) + [(0, pad), (0, 0)])
+    m = np.pad(m, [(0, 0), (0, pad)])
+    yield p.reshape(p.shape[:-2] + (group, size, p.shape[-1])), m.reshape(len(m), group, size)
+
+
+@jax.jit
+def _stack_stats(frame: _Frame, params: GMMParams, points, mask) -> SufficientStats:
+  """Soft stats summed over a stack from `_piece_stacks`: points [..., G, n, D], mask [C, G, n]."""
+  points_t = jnp.swapaxes(jnp.moveaxis(points.astype(jnp.float32), -3, 0), -1, -2)
+  return _sum_chunks(_class_stats, frame, params, (points_t, jnp.swapaxes(mask, 0, 1).astype(bool)))
 
 
 @flax.struct.dataclass
@@ -419,8 +457,8 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
   for step in range(first, max_iters):
     stats = None
     for points, mask in chunks():
-      for p, m in _pieces(points, mask, chunk_size):
-        part = _stats_in_frame(frame, params, jnp.asarray(p), jnp.asarray(m))
+      for p, m in _piece_stacks(points, mask, chunk_size):
+        part = _stack_stats(frame, params, p, m)
         stats = part if stats is None else stats + part
     if stats is None:
       raise ValueError('fit_streaming: chunks() yielded no data')

@@ -150,6 +150,38 @@ def test_stats_add_over_chunks():
   _assert_params_close(gmm.m_step(halves, 1e-6), gmm.m_step(whole, 1e-6), rtol=1e-4, atol=1e-4)
 
 
+def test_stacked_pieces_sum_to_the_whole():
+  """fit_streaming's stacks of pieces: 21 pieces of 64 points make a stack of 16 and one of 8
+  (3 of them padding); their stats add up to those of all points at once, per class."""
+  points, mask = _well_separated([1300, 700, 1349], seed=9)
+  points = np.where(mask[..., None], points, np.nan).astype(np.float32)  # padding is ignored
+  params = gmm.fit(np.nan_to_num(points), mask, num_components=K, max_iters=2)
+  frame = gmm._Frame(offset=np.zeros((3, 3), np.float32), scale=np.ones((3, 3), np.float32))
+  stacks = list(gmm._piece_stacks(points, mask, 64))
+  assert [m.shape for _, m in stacks] == [(3, 16, 64), (3, 8, 64)]
+  assert [p.shape for p, _ in stacks] == [(3, 16, 64, 3), (3, 8, 64, 3)]
+  total = gmm._stack_stats(frame, params, *stacks[0]) + gmm._stack_stats(frame, params, *stacks[1])
+  whole = gmm.accumulate(params, np.nan_to_num(points), mask)
+  np.testing.assert_array_equal(np.asarray(total.counts), mask.sum(1))
+  _assert_params_close(total, whole, rtol=1e-4, atol=1e-3)
+
+
+def test_e_step_fusions_read_a_whole_chunk():
+  """The EM loop hands each chunk to the E-step as a buffer: no fusion that computes the
+  exponential also slices the chunk array (XLA's CPU backend runs such fusions several times
+  slower)."""
+  points, mask = _well_separated(COUNTS, seed=10)
+  params = gmm.fit(points, mask, num_components=K, max_iters=0)
+  frame = gmm._fit_frame(points, mask)
+  chunks = gmm._to_chunks(points, mask, 256)
+  hlo = jax.jit(lambda p, c: gmm._sum_chunks(gmm._class_stats, frame, p, c)).lower(
+      params, chunks).compile().as_text()
+  fused = hlo.split('\n\n')
+  with_exp = [block for block in fused if ' exponential(' in block]
+  assert with_exp
+  assert not [block for block in with_exp if 'dynamic-slice(' in block]
+
+
 def test_log_density_matches_numpy():
   rng = np.random.default_rng(7)
   c_num, d = 4, 3
