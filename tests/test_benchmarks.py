@@ -64,3 +64,15 @@ def test_compile_only_counts_more_for_two_domains_than_one(tmp_path):
   assert both['flops'] > 2 * one['flops'] > 0
   assert one['xla_temp_bytes'] < both['xla_temp_bytes']
   assert one['params'] == both['params']
+
+
+def test_gmm_benchmark_fits_like_sklearn_in_memory_and_streamed():
+  out = _run([sys.executable, 'benchmarks/gmm_fit.py', '--num_classes=2',
+              '--points_per_class=3000', '--repeats=1'])
+  rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()[2:-1]}
+  ours, theirs = (float(v) for v in rows['mean loglik per point'])
+  assert abs(ours - theirs) < 0.01 and float(rows['max |loglik diff| over classes'][0]) < 0.01
+  iterations = rows['EM iterations (max over classes)']
+  assert iterations[0] == iterations[1] == rows['EM iterations streamed (max)'][0]
+  assert float(rows['EM streamed in 4 chunks (s)'][0]) > 0
+  assert 'speedup (sklearn EM / depthuda EM)' in out

@@ -158,8 +158,8 @@ def test_stacked_pieces_sum_to_the_whole():
   params = gmm.fit(np.nan_to_num(points), mask, num_components=K, max_iters=2)
   frame = gmm._Frame(offset=np.zeros((3, 3), np.float32), scale=np.ones((3, 3), np.float32))
   stacks = list(gmm._piece_stacks(points, mask, 64))
-  assert [m.shape for _, m in stacks] == [(3, 16, 64), (3, 8, 64)]
-  assert [p.shape for p, _ in stacks] == [(3, 16, 64, 3), (3, 8, 64, 3)]
+  assert [m.shape for _, m in stacks] == [(16, 3, 64), (8, 3, 64)]
+  assert [p.shape for p, _ in stacks] == [(16, 3, 3, 64), (8, 3, 3, 64)]
   total = gmm._stack_stats(frame, params, *stacks[0]) + gmm._stack_stats(frame, params, *stacks[1])
   whole = gmm.accumulate(params, np.nan_to_num(points), mask)
   np.testing.assert_array_equal(np.asarray(total.counts), mask.sum(1))
