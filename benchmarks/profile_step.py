@@ -116,6 +116,9 @@ def main():
   train_step.pin_to_cores(args.threads)
   if args.threads == 1:
     os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + train_step.XLA_ONE_THREAD
+  from depthuda import hostmem  # pylint: disable=import-outside-toplevel
+  if hostmem.cpu_only():  # As depthuda.main does, before JAX starts its threads.
+    hostmem.keep_freed_memory_mapped()
   import jax  # pylint: disable=import-outside-toplevel  # After XLA_FLAGS is set.
 
   session = train_step.JaxSession(argparse.Namespace(**vars(args), profile_dir='',

@@ -14,9 +14,13 @@ both see the same machine load, and reports medians.
 Reported: depthuda's compile time (XLA) and first iteration, the median iteration time, peak
 memory during the timed iterations (CPU: the process's peak resident set, reset after setup, so
 XLA's compiler and PyTorch's first-call caches are not counted; GPU: the device allocator's peak),
+the median minor page faults and system CPU time per iteration (the cost of memory the
+allocator maps afresh each iteration; `GLIBC_TUNABLES` set in the shell reaches both workers),
 and the step's FLOPs from XLA's cost analysis of the compiled step with the achieved rate (and
 the model FLOPs utilisation where the device's peak is known or --peak_tflops is given). The
-same FLOP count serves both frameworks, which compute the same iteration. No TensorFlow is
+same FLOP count serves both frameworks, which compute the same iteration. On a CPU-only host the
+depthuda worker makes the host-memory settings `depthuda.main` makes (`depthuda.hostmem`;
+--system_malloc leaves them out); the PyTorch worker runs on the C library's defaults. No TensorFlow is
 imported, so this runs where only JAX and PyTorch are installed.
 """
 
@@ -196,6 +200,9 @@ def worker(args) -> None:
   """Sets up one framework, then serves `step` / `done` commands read from stdin."""
   pin_to_cores(args.threads)  # Neither worker runs more threads at once than the other.
   if args.worker == 'jax':
+    from depthuda import hostmem  # pylint: disable=import-outside-toplevel
+    if hostmem.cpu_only() and not args.system_malloc:  # As depthuda.main, before JAX starts.
+      hostmem.keep_freed_memory_mapped()
     import jax  # pylint: disable=unused-import
   else:
     import torch
@@ -223,9 +230,11 @@ def worker(args) -> None:
   _reply({'event': 'ready', **session.info})
   for line in sys.stdin:
     if line.strip() == 'step':
-      start = time.perf_counter()
+      before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       session.step()
-      _reply({'time': time.perf_counter() - start})
+      seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+      _reply({'time': seconds, 'page_faults': after.ru_minflt - before.ru_minflt,
+              'system_s': after.ru_stime - before.ru_stime})
     elif line.strip() == 'done':
       _reply({'peak_rss': _peak_rss(), 'peak_device_bytes': session.peak_device_bytes()})
       return
@@ -296,6 +305,9 @@ def main():
                       help='device peak for the MFU (default: known GPUs by name)')
   parser.add_argument('--profile_dir', default='', help='jax.profiler trace of one depthuda step')
   parser.add_argument('--json', default='', help='also write the results to this file')
+  parser.add_argument('--system_malloc', action='store_true',
+                      help="depthuda on the C library's default malloc settings (depthuda.main "
+                           'keeps freed memory mapped on CPU-only hosts: depthuda.hostmem)')
   parser.add_argument('--compile_only', action='store_true',
                       help="depthuda's step compiled, not run: compile time, FLOPs and XLA's "
                            'temporaries (a full-resolution estimate on a CPU)')
@@ -316,13 +328,17 @@ def main():
     return jax_worker.proc.wait()
   names = [n for n in args.frameworks.split(',') if n]
   ready, times = {}, {n: [] for n in names}
+  faults, system = {n: [] for n in names}, {n: [] for n in names}
   workers = {}
   for name in names:  # Set up one at a time: compiling and the other's warm-up don't overlap.
     workers[name] = Worker(name, argv, args.threads)
     ready[name] = workers[name].request()
   for _ in range(args.steps):
     for name in names:
-      times[name].append(workers[name].request('step')['time'])
+      reply = workers[name].request('step')
+      times[name].append(reply['time'])
+      faults[name].append(reply['page_faults'])
+      system[name].append(reply['system_s'])
   done = {name: workers[name].request('done') for name in names}
   for w in workers.values():
     w.proc.wait()
@@ -339,6 +355,7 @@ def main():
     rate = flops / med / 1e12 if flops else None
     results['frameworks'][name] = dict(
         ready[name], **done[name], times=times[name], median_s=med, tflops_per_s=rate,
+        page_faults=statistics.median(faults[name]), system_s=statistics.median(system[name]),
         mfu=rate / peak if rate and peak else None, peak_memory_bytes=peak_mem)
 
   layers = LAYERS.get(args.layers) or args.layers
@@ -351,6 +368,8 @@ def main():
           ('iteration, median (s)', lambda r: _fmt(r['median_s'], digits=3)),
           ('peak memory in iterations (MiB)', lambda r: _fmt(r['peak_memory_bytes'], 2**20, 0)),
           ('XLA temporaries (MiB)', lambda r: _fmt(r.get('xla_temp_bytes'), 2**20, 0)),
+          ('page faults per iteration', lambda r: f'{int(r["page_faults"]):,}'),
+          ('system CPU time per iteration (s)', lambda r: _fmt(r['system_s'])),
           ('resident after imports (MiB)', lambda r: _fmt(r['rss_after_imports'], 2**20, 0)),
           ('parameters', lambda r: f'{r["params"]:,}'),
           ('achieved TFLOP/s', lambda r: _fmt(r['tflops_per_s'], digits=3)),

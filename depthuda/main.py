@@ -114,6 +114,9 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     _write_config(workdir, config)  # Before the slow imports: a bad workdir fails at once.
+    from depthuda import hostmem
+    if hostmem.cpu_only():  # Before JAX starts its threads.
+      hostmem.keep_freed_memory_mapped()
     import jax  # After flag parsing, so --help is fast.
     if _MULTIHOST.value:
       _initialize_distributed(jax)

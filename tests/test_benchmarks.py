@@ -76,3 +76,22 @@ def test_gmm_benchmark_fits_like_sklearn_in_memory_and_streamed():
   assert iterations[0] == iterations[1] == rows['EM iterations streamed (max)'][0]
   assert float(rows['EM streamed in 4 chunks (s)'][0]) > 0
   assert 'speedup (sklearn EM / depthuda EM)' in out
+
+
+def test_conv_rates_forms_are_the_same_convolution():
+  """conv_rates.py --forms times a dilated 3x3 convolution written as matrix products: each
+  form gives the convolution's values and both gradients."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import conv_rates  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (1, 9, 11, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  forms = conv_rates.conv3x3_forms()
+  for d in (1, 2, 4):
+    loss = lambda f, x, w: (f(x, w, d) * np.arange(5)).sum() ** 2
+    expected = jax.value_and_grad(loss, argnums=(1, 2))(forms['conv'], x, w)
+    for name, form in forms.items():
+      got = jax.value_and_grad(loss, argnums=(1, 2))(form, x, w)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3, err_msg=f'{name}, dilation {d}')
