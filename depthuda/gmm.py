@@ -358,7 +358,7 @@ def _piece_stacks(points, mask, size: int):
   Yields points [G, ..., D, size] and mask [G, C, size] (numpy, the layout `_sum_chunks`
   takes), G a power of two so that a few compilations serve every chunk length; the padding
   (points and whole pieces) is masked. The transposition happens here, on the host: inside the
-  jitted call XLA fuses it into the loop's loads (twice the time of the E-step itself).
+  jitted call XLA fuses it into the loop's loads, which almost doubles the call's time.
   """
   num_points = points.shape[-2]
   num_pieces = -(-num_points // size)
