@@ -1,4 +1,4 @@
-r"""One adaptation iteration: depthuda's jitted `train.adapt_step` against the original's PyTorch loop.
+r"""One adaptation iteration: depthuda's jitted `adapt_step` against the original's PyTorch loop.
 
   python benchmarks/train_step.py --height=321 --width=321 --layers=101 --steps=3     # CPU
   python benchmarks/train_step.py --height=760 --width=1280 --layers=101 --dtype=bfloat16
@@ -18,10 +18,10 @@ the median minor page faults and system CPU time per iteration (the cost of memo
 allocator maps afresh each iteration; `GLIBC_TUNABLES` set in the shell reaches both workers),
 and the step's FLOPs from XLA's cost analysis of the compiled step with the achieved rate (and
 the model FLOPs utilisation where the device's peak is known or --peak_tflops is given). The
-same FLOP count serves both frameworks, which compute the same iteration. On a CPU-only host the
-depthuda worker makes the host-memory settings `depthuda.main` makes (`depthuda.hostmem`;
---system_malloc leaves them out); the PyTorch worker runs on the C library's defaults. No TensorFlow is
-imported, so this runs where only JAX and PyTorch are installed.
+same FLOP count serves both frameworks, which compute the same iteration. On a CPU-only host
+the depthuda worker makes the host-memory settings `depthuda.main` makes (`depthuda.hostmem`;
+--system_malloc leaves them out); the PyTorch worker runs on the C library's defaults. No
+TensorFlow is imported, so this runs where only JAX and PyTorch are installed.
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ def worker(args) -> None:
   except (OSError, AttributeError):
     pass
   session.info.update(setup_peak_rss=_peak_rss(), rss_after_setup=_proc_status('VmRSS'),
-                      rss_after_imports=rss_imports, tensorflow_imported='tensorflow' in sys.modules)
+                      rss_after_imports=rss_imports,
+                      tensorflow_imported='tensorflow' in sys.modules)
   session.info['peak_reset'] = _reset_peak_rss()
   session.reset_peak_memory()
   _reply({'event': 'ready', **session.info})
