@@ -201,8 +201,7 @@ def worker(args) -> None:
   pin_to_cores(args.threads)  # Neither worker runs more threads at once than the other.
   if args.worker == 'jax':
     from depthuda import hostmem  # pylint: disable=import-outside-toplevel
-    if hostmem.cpu_only() and not args.system_malloc:  # As depthuda.main, before JAX starts.
-      hostmem.keep_freed_memory_mapped()
+    hostmem.configure(not args.system_malloc)  # As depthuda.main does, before JAX starts.
     import jax  # pylint: disable=unused-import
   else:
     import torch

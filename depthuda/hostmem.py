@@ -9,8 +9,8 @@ separately nor returns freed memory to the system, the block is reused from one 
 next without a fault.
 
 The settings must be made before JAX starts its threads (a thread keeps the arena it first
-allocated from), so `depthuda.main` makes them before it imports JAX, and only where JAX can
-only run on the CPU: on GPU and TPU hosts the step's temporaries live on the device, and the
+allocated from), so `depthuda.main` makes them before it imports JAX (`configure`; its flag
+--nokeep_host_memory leaves them out), and only where JAX can only run on the CPU: on GPU and TPU hosts the step's temporaries live on the device, and the
 input pipeline's many threads are better served by per-thread arenas.
 """
 
@@ -59,3 +59,9 @@ def keep_freed_memory_mapped() -> bool:
   # -1 disables trimming altogether (the threshold is read as an unsigned size).
   return all(mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
+def configure(keep_freed_memory: bool = True) -> bool:
+  """What `depthuda.main` does before it imports JAX (its --keep_host_memory flag):
+  `keep_freed_memory_mapped()` where `cpu_only()`. Returns whether the settings were made."""
+  return keep_freed_memory and cpu_only() and keep_freed_memory_mapped()

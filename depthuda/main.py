@@ -41,6 +41,11 @@ _MULTIHOST = flags.DEFINE_bool(
     'multihost', False,
     'Join a multi-process run with jax.distributed.initialize(). SLURM and Cloud TPU pods are '
     'detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.')
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    'keep_host_memory', True,
+    'Where JAX runs on the CPU alone, keep freed host memory mapped for the next step (one '
+    'malloc arena, never trimmed; depthuda/hostmem.py): no page faults per step, but the '
+    'process does not hand freed memory back. --nokeep_host_memory: the C library\'s defaults.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -115,8 +120,7 @@ def main(argv):
   try:
     _write_config(workdir, config)  # Before the slow imports: a bad workdir fails at once.
     from depthuda import hostmem
-    if hostmem.cpu_only():  # Before JAX starts its threads.
-      hostmem.keep_freed_memory_mapped()
+    hostmem.configure(_KEEP_HOST_MEMORY.value)  # Before JAX starts its threads.
     import jax  # After flag parsing, so --help is fast.
     if _MULTIHOST.value:
       _initialize_distributed(jax)

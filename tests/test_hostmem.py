@@ -17,8 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ROUNDS = r'''
 import ctypes, resource, sys
 from depthuda import hostmem
-if sys.argv[1] == 'keep':
-  assert hostmem.keep_freed_memory_mapped()
+assert hostmem.configure(sys.argv[1] == 'keep') == (sys.argv[2] == 'made')
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -35,17 +34,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 '''
 
 
-def _faults(mode: str) -> int:
-  out = subprocess.run([sys.executable, '-c', _ROUNDS, mode], cwd=ROOT, capture_output=True,
-                       text=True, check=True, timeout=120).stdout
-  return int(out.split()[-1])
+def _faults(keep: bool, platforms: str, made: bool) -> int:
+  out = subprocess.run([sys.executable, '-c', _ROUNDS, 'keep' if keep else 'system',
+                        'made' if made else 'not made'], cwd=ROOT, capture_output=True, text=True,
+                       check=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': platforms})
+  return int(out.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
-def test_freed_block_is_reused_without_page_faults():
+def test_freed_block_is_reused_without_page_faults_on_cpu_only_hosts():
   pages = (256 << 20) // os.sysconf('SC_PAGE_SIZE')
-  assert _faults('default') > pages // 4  # mapped afresh each time (huge pages: fewer faults)
-  assert _faults('keep') < 100
+  # Mapped afresh each time (with transparent huge pages: fewer, larger faults).
+  assert _faults(keep=False, platforms='cpu', made=False) > pages // 4
+  assert _faults(keep=True, platforms='cuda', made=False) > pages // 4  # An accelerator host.
+  assert _faults(keep=True, platforms='cpu', made=True) < 100
 
 
 def test_cpu_only_follows_jax_platforms_then_installed_plugins(monkeypatch):
