@@ -3,15 +3,16 @@
 XLA's CPU runtime takes a step's temporaries from malloc as one block (2.6 GB for a 321x321
 ResNet-101 adaptation step). glibc serves blocks that large with a fresh mmap and unmaps them
 when they are freed, so every step page-faults its whole working set in again: 630,000 minor
-faults and 1.2-2.5 s of system time per step on two cores, up to a third of the step's time
-(`benchmarks/RESULTS.md`, section 1). With one malloc arena that neither maps large blocks
+faults and 1.2-2.5 s of system time per step on two cores; the step ran up to 12% slower for
+it (`benchmarks/RESULTS.md`, section 1). With one malloc arena that neither maps large blocks
 separately nor returns freed memory to the system, the block is reused from one step to the
 next without a fault.
 
 The settings must be made before JAX starts its threads (a thread keeps the arena it first
 allocated from), so `depthuda.main` makes them before it imports JAX (`configure`; its flag
---nokeep_host_memory leaves them out), and only where JAX can only run on the CPU: on GPU and TPU hosts the step's temporaries live on the device, and the
-input pipeline's many threads are better served by per-thread arenas.
+--nokeep_host_memory leaves them out), and only where JAX can only run on the CPU: on GPU and
+TPU hosts the step's temporaries live on the device, and the input pipeline's many threads are
+better served by per-thread arenas.
 """
 
 from __future__ import annotations
