@@ -117,7 +117,7 @@ def main():
   if args.threads == 1:
     os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + train_step.XLA_ONE_THREAD
   from depthuda import hostmem  # pylint: disable=import-outside-toplevel
-  hostmem.configure()  # As depthuda.main does, before JAX starts its threads.
+  hostmem.configure()  # As depthuda.main --keep_host_memory, before JAX starts its threads.
   import jax  # pylint: disable=import-outside-toplevel  # After XLA_FLAGS is set.
 
   session = train_step.JaxSession(argparse.Namespace(**vars(args), profile_dir='',

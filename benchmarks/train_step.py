@@ -19,9 +19,10 @@ allocator maps afresh each iteration; `GLIBC_TUNABLES` set in the shell reaches 
 and the step's FLOPs from XLA's cost analysis of the compiled step with the achieved rate (and
 the model FLOPs utilisation where the device's peak is known or --peak_tflops is given). The
 same FLOP count serves both frameworks, which compute the same iteration. On a CPU-only host
-the depthuda worker makes the host-memory settings `depthuda.main` makes (`depthuda.hostmem`;
---system_malloc leaves them out); the PyTorch worker runs on the C library's defaults. No
-TensorFlow is imported, so this runs where only JAX and PyTorch are installed.
+the depthuda worker runs as `depthuda.main --keep_host_memory` does, the setting for large
+steps on a CPU (`depthuda.hostmem`; --system_malloc leaves it out); the PyTorch worker runs on
+the C library's defaults. No TensorFlow is imported, so this runs where only JAX and PyTorch
+are installed.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def worker(args) -> None:
   pin_to_cores(args.threads)  # Neither worker runs more threads at once than the other.
   if args.worker == 'jax':
     from depthuda import hostmem  # pylint: disable=import-outside-toplevel
-    hostmem.configure(not args.system_malloc)  # As depthuda.main does, before JAX starts.
+    hostmem.configure(not args.system_malloc)  # As main --keep_host_memory, before JAX.
     import jax  # pylint: disable=unused-import
   else:
     import torch
@@ -306,8 +307,8 @@ def main():
   parser.add_argument('--profile_dir', default='', help='jax.profiler trace of one depthuda step')
   parser.add_argument('--json', default='', help='also write the results to this file')
   parser.add_argument('--system_malloc', action='store_true',
-                      help="depthuda on the C library's default malloc settings (depthuda.main "
-                           'keeps freed memory mapped on CPU-only hosts: depthuda.hostmem)')
+                      help="depthuda on the C library's default malloc settings, as "
+                           'depthuda.main without --keep_host_memory (depthuda.hostmem)')
   parser.add_argument('--compile_only', action='store_true',
                       help="depthuda's step compiled, not run: compile time, FLOPs and XLA's "
                            'temporaries (a full-resolution estimate on a CPU)')
