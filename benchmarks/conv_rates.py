@@ -81,7 +81,8 @@ def jax_ops(c_in, c_out, k, d, form='conv'):
     def forward(x, w):
       return jnp.dot(x.reshape(-1, c_in), w[0, 0])
   else:
-    forward = lambda x, w: conv3x3_forms()[form](x, w, d)
+    conv = conv3x3_forms()[form]
+    forward = lambda x, w: conv(x, w, d)
   both = jax.grad(lambda x, w: jnp.sum(forward(x, w) ** 2), argnums=(0, 1))
   return jax.jit(forward), jax.jit(both), (x, w), jax.block_until_ready
 

@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 from depthuda import gmm
+from depthuda import gmm_streaming
 
 
 def make_data(num_classes: int, n: int, k: int, seed: int) -> np.ndarray:
@@ -75,7 +76,8 @@ def main():
   step = -(-args.points_per_class // 4)
   chunks = lambda: ((points[:, i:i + step], mask[:, i:i + step])
                     for i in range(0, args.points_per_class, step))
-  stream = lambda max_iters: gmm.fit_streaming(chunks, points, mask, max_iters=max_iters, **kw)
+  stream = lambda max_iters: gmm_streaming.fit_streaming(chunks, points, mask,
+                                                         max_iters=max_iters, **kw)
   timed(lambda: stream(1))  # Compiles.
   for _ in range(args.repeats):
     (_, stream_info), seconds = timed(lambda: stream(args.max_iters))

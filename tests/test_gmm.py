@@ -1,4 +1,4 @@
-"""Tests for depthuda.gmm: EM against sklearn, masking, streaming, log densities."""
+"""Tests for depthuda.gmm and gmm_streaming: EM against sklearn, masking, streaming, densities."""
 
 import jax
 import numpy as np
@@ -7,6 +7,7 @@ from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 
 from depthuda import gmm
+from depthuda import gmm_streaming
 
 K = 5
 # One padded shape for most tests, so the jitted fit compiles once for the file.
@@ -80,8 +81,8 @@ def test_fit_streaming_equals_fit():
       yield points[:, lo:hi], mask[:, lo:hi]
 
   seen = []
-  params, info = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=5,
-                                   progress=lambda step, ll: seen.append((step, ll)))
+  params, info = gmm_streaming.fit_streaming(chunks, points, mask, num_components=K, seed=5,
+                                             progress=lambda step, ll: seen.append((step, ll)))
   _assert_params_close(params, expected, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(info['class_iterations'],
                                 np.asarray(expected_info['class_iterations']))
@@ -98,22 +99,24 @@ def test_fit_streaming_resumed_equals_uninterrupted():
   mask = np.ones((3, 1200), bool)
   chunks = lambda: [(points[:, :700], mask[:, :700]), (points[:, 700:], mask[:, 700:])]
   states = []
-  expected, expected_info = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=2,
-                                              tol=1e-6, max_iters=30,
-                                              on_iteration=states.append)
+  expected, expected_info = gmm_streaming.fit_streaming(
+      chunks, points, mask, num_components=K, seed=2, tol=1e-6, max_iters=30,
+      on_iteration=states.append)
   assert [s.iteration for s in states] == list(range(1, int(expected_info['iterations']) + 1))
   assert int(expected_info['iterations']) > 4
-  saved = gmm.EMState.from_arrays({k: np.copy(v) for k, v in states[2].to_arrays().items()})
+  saved = gmm_streaming.EMState.from_arrays(
+      {k: np.copy(v) for k, v in states[2].to_arrays().items()})
   later = []
-  params, info = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=2, tol=1e-6,
-                                   max_iters=30, resume=saved, on_iteration=later.append)
+  params, info = gmm_streaming.fit_streaming(
+      chunks, points, mask, num_components=K, seed=2, tol=1e-6, max_iters=30, resume=saved,
+      on_iteration=later.append)
   assert later[0].iteration == 4
   jax.tree.map(np.testing.assert_array_equal, params, expected)
   jax.tree.map(np.testing.assert_array_equal, info, expected_info)
   # Resuming from the last state returns the same fit without another iteration.
-  final, _ = gmm.fit_streaming(chunks, points, mask, num_components=K, seed=2, tol=1e-6,
-                               max_iters=30, resume=states[-1],
-                               on_iteration=lambda s: pytest.fail('iterated again'))
+  final, _ = gmm_streaming.fit_streaming(
+      chunks, points, mask, num_components=K, seed=2, tol=1e-6, max_iters=30, resume=states[-1],
+      on_iteration=lambda s: pytest.fail('iterated again'))
   jax.tree.map(np.testing.assert_array_equal, final, expected)
 
 
@@ -133,7 +136,8 @@ def test_fit_streaming_on_shared_grid_points():
     for i in range(0, 6, 2):
       yield gmm.class_points(labels[i:i + 2], depth[i:i + 2], num_classes)
 
-  params, _ = gmm.fit_streaming(chunks, per_class, np.asarray(mask), num_components=3, seed=1)
+  params, _ = gmm_streaming.fit_streaming(chunks, per_class, np.asarray(mask), num_components=3,
+                                          seed=1)
   _assert_params_close(params, expected, rtol=1e-4, atol=1e-4)
   # Cell (row 2, column 7) of image 1 is the point (7, 2, depth).
   index = 1 * 12 * 20 + 2 * 20 + 7
@@ -157,10 +161,11 @@ def test_stacked_pieces_sum_to_the_whole():
   points = np.where(mask[..., None], points, np.nan).astype(np.float32)  # padding is ignored
   params = gmm.fit(np.nan_to_num(points), mask, num_components=K, max_iters=2)
   frame = gmm._Frame(offset=np.zeros((3, 3), np.float32), scale=np.ones((3, 3), np.float32))
-  stacks = list(gmm._piece_stacks(points, mask, 64))
+  stacks = list(gmm_streaming._piece_stacks(points, mask, 64))
   assert [m.shape for _, m in stacks] == [(16, 3, 64), (8, 3, 64)]
   assert [p.shape for p, _ in stacks] == [(16, 3, 3, 64), (8, 3, 3, 64)]
-  total = gmm._stack_stats(frame, params, *stacks[0]) + gmm._stack_stats(frame, params, *stacks[1])
+  total = sum((gmm_streaming._stack_stats(frame, params, *stack) for stack in stacks[1:]),
+              gmm_streaming._stack_stats(frame, params, *stacks[0]))
   whole = gmm.accumulate(params, np.nan_to_num(points), mask)
   np.testing.assert_array_equal(np.asarray(total.counts), mask.sum(1))
   _assert_params_close(total, whole, rtol=1e-4, atol=1e-3)

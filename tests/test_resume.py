@@ -12,7 +12,7 @@ import pytest
 
 from configs import test as test_config
 from depthuda import checkpointing
-from depthuda import gmm
+from depthuda import gmm_streaming
 from depthuda import pseudo
 from depthuda import reporting
 from depthuda.errors import InputError
@@ -143,7 +143,7 @@ def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
   fit_gmm.run(config, str(tmp_path / 'clean'))
   expected = _read(tmp_path / 'clean' / 'fit_gmm' / 'gmm.json')
 
-  fit_streaming = gmm.fit_streaming
+  fit_streaming = gmm_streaming.fit_streaming
   iterations = []
 
   def killed_after_two(*args, **kwargs):  # killed during EM, after its second iteration
@@ -155,7 +155,7 @@ def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
 
   workdir = str(tmp_path / 'cut')
   with monkeypatch.context() as patch:
-    patch.setattr(gmm, 'fit_streaming', killed_after_two)
+    patch.setattr(gmm_streaming, 'fit_streaming', killed_after_two)
     with pytest.raises(_Killed):
       fit_gmm.run(config, workdir)
   assert not fit_gmm.is_complete(config, workdir)
@@ -166,7 +166,7 @@ def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
     return fit_streaming(*args, **{**kwargs, 'progress': lambda *a: (iterations.append(a[0]),
                                                                      progress(*a))})
 
-  monkeypatch.setattr(gmm, 'fit_streaming', counting)
+  monkeypatch.setattr(gmm_streaming, 'fit_streaming', counting)
   entry = fit_gmm.run(config, workdir)
   assert iterations[:3] == [1, 2, 3]  # EM went on from iteration 2, not from the start
   assert _read(os.path.join(workdir, 'fit_gmm', 'gmm.json')) == expected

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from depthuda import density
 from depthuda import gmm
+from depthuda import gmm_streaming
 from depthuda import reporting
 from depthuda import train
 from depthuda.data import labels as label_lib
@@ -210,12 +211,12 @@ def _em_key(config: ml_collections.ConfigDict, counts: np.ndarray) -> str:
                      'pixel_counts': np.asarray(counts).tolist()}, sort_keys=True)
 
 
-def _load_em_state(workdir: str, key: str) -> gmm.EMState | None:
+def _load_em_state(workdir: str, key: str) -> gmm_streaming.EMState | None:
   saved = _load_keyed(_em_state_path(workdir), key)
-  return None if saved is None else gmm.EMState.from_arrays(saved)
+  return None if saved is None else gmm_streaming.EMState.from_arrays(saved)
 
 
-def _save_em_state(workdir: str, key: str, state: gmm.EMState) -> None:
+def _save_em_state(workdir: str, key: str, state: gmm_streaming.EMState) -> None:
   if reporting.is_writer():
     _save_keyed(_em_state_path(workdir), key, 'the EM state', state.to_arrays())
 
@@ -252,7 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'fit_gmm: continuing EM after iteration {resume.iteration}')
   bar = reporting.progress(total=g.max_iters, initial=resume.iteration if resume else 0,
                            desc='fit_gmm: EM', unit='iter')
-  params, info = gmm.fit_streaming(
+  params, info = gmm_streaming.fit_streaming(
       chunks, init_points, init_mask, num_components=g.num_components, seed=config.seed,
       max_iters=g.max_iters, tol=g.tol, var_floor=g.var_floor, reduce_fn=_sum_over_processes,
       progress=lambda *_: bar.update(1), resume=resume,
