@@ -10,6 +10,12 @@ import ml_collections
 CLASS_WEIGHTS_16 = (0.327, 0.313, 0.206, 22.427, 22.558, 5.811, 155.643, 59.528, 0.586, 0.882,
                     1.423, 12.871, 1.488, 3.955, 29.164, 27.563)
 CLASS_WEIGHTS_7 = (0.349, 0.462, 11.576, 1.325, 1.993, 3.216, 3.192)
+# METHOD §6: the original's N_c of the spatial prior, rounded (`pseudo.min_region_sizes`; the
+# small variants use them unscaled). The 7-class ones were set by hand.
+MIN_REGION_SIZES_16 = (3165, 3311, 5000, 89, 89, 219, 50, 61, 1788, 1202, 762, 123, 730, 302,
+                       78, 81)
+MIN_REGION_SIZES_CITY7 = (1000, 772, 100, 316, 234, 173, 173)
+MIN_REGION_SIZES_MAPILLARY7 = (100, 87, 50, 62, 57, 54, 54)
 
 
 def get_base_config() -> ml_collections.ConfigDict:

@@ -20,6 +20,5 @@ def get_config():
   c = common.get_base_config()
   # The original's N_c (METHOD §6), rounded; delete this line to compute them from the source
   # pixel counts of your copy of SYNTHIA (fit_gmm/gmm.json) instead.
-  c.pseudo.min_region_sizes = (3165, 3311, 5000, 89, 89, 219, 50, 61, 1788, 1202, 762, 123, 730,
-                               302, 78, 81)
+  c.pseudo.min_region_sizes = common.MIN_REGION_SIZES_16
   return c

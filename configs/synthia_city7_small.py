@@ -13,10 +13,10 @@ Expected result: 7-class mIoU on Cityscapes val; published for orientation: DADA
 """
 
 from configs import common
-from configs import synthia_city7
 
 
 def get_config():
-  c = common.small_input(synthia_city7.get_config())
+  c = common.small_input(common.seven_class(common.get_base_config()))
+  c.pseudo.min_region_sizes = common.MIN_REGION_SIZES_CITY7
   c.loss.lambda_depth = 0.001
   return c

@@ -26,5 +26,5 @@ def get_config():
   c.loss.lambda_adv = 0.001
   c.loss.lambda_bal_tgt = 0.001
   c.optim.disc_lr = 1e-4
-  c.pseudo.min_region_sizes = (100, 87, 50, 62, 57, 54, 54)  # Set by hand in the original.
+  c.pseudo.min_region_sizes = common.MIN_REGION_SIZES_MAPILLARY7
   return c
