@@ -24,6 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from depthuda import converted
+from depthuda import models
 from depthuda.errors import InputError
 from depthuda.errors import write_failure
 
@@ -190,21 +192,31 @@ class StageCheckpoints:
       self._best.close()
 
 
-def save_variables(directory: str, variables: Any) -> None:
-  """Segmenter variables to `directory/variables` (what `config.init_from` points at)."""
+def save_variables(directory: str, variables: Any, meta: dict) -> None:
+  """Segmenter variables to `directory/variables` (what `config.init_from` points at), then
+  their record `meta` (`converted.metadata`) to `directory/metadata.json`.
+
+  The record is removed first and written last: a folder whose save was cut off has none,
+  and so is refused as a whole rather than loaded in part.
+  """
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  if os.path.exists(os.path.join(directory, converted.METADATA)):
+    os.remove(os.path.join(directory, converted.METADATA))
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(os.path.abspath(directory), 'variables'), variables, force=True)
+  ckptr.save(os.path.join(directory, 'variables'), variables, force=True)
   ckptr.wait_until_finished()
+  converted.write_metadata(directory, meta)
 
 
-def load_variables(directory: str, abstract_variables: Any | None = None) -> Any:
-  """Inverse of `save_variables`; a one-line error if nothing is there."""
-  path = os.path.join(os.path.abspath(directory), 'variables')
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f'no converted checkpoint at {path}; download DeepLab_resnet_pretrained_imagenet.pth '
-        '(linked from the original authors\' repository) or use one of their trained checkpoints, '
-        f'and convert it: python -m depthuda.convert --torch_checkpoint=IN.pth --output={directory}')
-  target = (None if abstract_variables is None else
-            jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables))
-  return ocp.StandardCheckpointer().restore(path, target)
+def load_variables(directory: str, abstract_variables: Any, meta: dict) -> Any:
+  """Inverse of `save_variables`, once `converted.check` has returned `meta`.
+
+  Restores exactly what the folder holds, shapes checked: for an ImageNet conversion the trunk
+  of `abstract_variables` (`DeepLabV2Depth` shapes), for a trained one all of them.
+  """
+  if meta['kind'] == converted.IMAGENET:
+    abstract_variables = models.trunk(abstract_variables)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables)
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(directory), 'variables'), target)

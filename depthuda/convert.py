@@ -1,12 +1,16 @@
 """Converts a PyTorch checkpoint of the original into Flax variables for `config.init_from`.
 
   python -m depthuda.convert --torch_checkpoint=DeepLab_resnet_pretrained_imagenet.pth \
-      --output=pretrained/imagenet [--num_classes=16]
+      --output=pretrained/imagenet
+  python -m depthuda.convert --torch_checkpoint=trained.pth --output=pretrained/x [--num_classes=7]
 
-Reads the ImageNet initialization (`Scale.*` keys; the heads are then initialized from seed 0)
-or a trained checkpoint of the original (see `depthuda.models.torch_convert`), and writes the
-segmenter variables to `OUTPUT/variables` with Orbax (replacing what is there). Needs torch:
-`pip install 'depthuda[torch]'`. Bad input ends with a one-line error and exit status 1.
+Reads the ImageNet initialization (`Scale.*` keys) or a trained checkpoint of the original (see
+`depthuda.models.torch_convert`), and writes the segmenter variables to `OUTPUT/variables` with
+Orbax (replacing what is there) and what they are to `OUTPUT/metadata.json`
+(`depthuda.converted`). From the ImageNet file only the ResNet trunk is kept: the runs that
+start from it initialize the classifier and heads themselves, so the one folder serves every
+experiment, 16 or 7 classes. Needs torch: `pip install 'depthuda[torch]'`. Bad input ends with a
+one-line error and exit status 1.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import jax
 import numpy as np
 
 from depthuda import checkpointing
+from depthuda import converted
 from depthuda import models
 
 _TORCH_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None,
                                         'PyTorch .pth file of the original.', required=True)
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory to write `variables/` into.',
                               required=True)
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 16, 'Classes of the segmenter.')
+_NUM_CLASSES = flags.DEFINE_integer(
+    'num_classes', None, 'The classes a trained checkpoint must have (default: whatever its '
+    'classifier has). Not used for the ImageNet file, which has no classifier of ours.')
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -61,13 +68,22 @@ def main(argv: list[str]) -> None:
   try:
     state_dict = load_torch_state_dict(_TORCH_CHECKPOINT.value)
     variables = models.from_torch_state_dict(state_dict, num_classes=_NUM_CLASSES.value)
-    checkpointing.save_variables(_OUTPUT.value, variables)
+    layers, width = models.infer_architecture(state_dict)
+    params = variables['params']
+    if 'classifier' in params:
+      num_classes = params['classifier']['conv0']['bias'].shape[0]
+      kind, what = converted.TRAINED, f'trained {num_classes}-class model'
+    else:
+      num_classes = None
+      kind, what = converted.IMAGENET, 'ImageNet trunk (any class count)'
+    meta = converted.metadata(kind, layers, width, num_classes,
+                              source=os.path.abspath(_TORCH_CHECKPOINT.value))
+    checkpointing.save_variables(_OUTPUT.value, variables, meta)
   except (ImportError, OSError, ValueError) as e:
     sys.exit(f'error: {e}'.replace('\n', ' '))
-  layers, width = models.infer_architecture(state_dict)
-  count = sum(x.size for x in jax.tree.leaves(variables['params']))
-  print(f'wrote {os.path.join(os.path.abspath(_OUTPUT.value), "variables")}: ResNet layers '
-        f'{layers}, width {width}, {count:,} parameters')
+  count = sum(x.size for x in jax.tree.leaves(params))
+  print(f'wrote {os.path.abspath(_OUTPUT.value)}: {what}, ResNet layers {layers}, width '
+        f'{width}, {count:,} parameters')
 
 
 if __name__ == '__main__':

@@ -120,6 +120,12 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     _write_config(workdir, config)  # Before the slow imports: a bad workdir fails at once.
+    adapt_checkpoints = os.path.join(workdir, 'adapt', 'checkpoints')
+    if (_STAGE.value in ('all', 'adapt') and config.init_from
+        and not (os.path.isdir(adapt_checkpoints) and os.listdir(adapt_checkpoints))):
+      # So is a wrong init_from, which adapt (not resumed) would meet after the GMM fit.
+      from depthuda import converted
+      converted.check_init_from(config)
     from depthuda import hostmem
     hostmem.configure(_KEEP_HOST_MEMORY.value)  # Before JAX starts its threads.
     import jax  # After flag parsing, so --help is fast.

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from depthuda import checkpointing
+from depthuda import converted
 from depthuda import losses
 from depthuda import reporting
 from depthuda import train
@@ -125,7 +126,9 @@ def load_model(config, *, workdir: str | None = None, checkpoint: str | None = N
   else:
     path = checkpoint.rstrip('/')
     if os.path.isdir(os.path.join(path, 'variables')):
-      return seg, checkpointing.load_variables(path, abstract), path
+      meta = converted.check(path, f'--checkpoint={checkpoint}', config.data.num_classes,
+                             config.model.layers, config.model.width, trained_only=True)
+      return seg, checkpointing.load_variables(path, abstract, meta), path
     if os.path.basename(path) == 'best' and os.path.isdir(path):
       path = os.path.dirname(path)
     if not os.path.isdir(os.path.join(path, 'best')):

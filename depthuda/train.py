@@ -86,17 +86,40 @@ def build_models(config: ml_collections.ConfigDict, axis_name: str | None = AXIS
   return seg, disc
 
 
+def _init_keys(config: ml_collections.ConfigDict) -> jax.Array:
+  """The keys of a fresh run: [segmenter init, discriminator init, the run's RNG]."""
+  return jax.random.split(jax.random.PRNGKey(config.seed), 3)
+
+
+# Jitted: eager init compiles every random draw separately (slow on CPU). Equal modules share
+# one compilation.
+@functools.partial(jax.jit, static_argnums=0)
+def _seeded_init(seg: nn.Module, key: jax.Array, images: jax.Array) -> dict:
+  return seg.init(key, images, train=False)
+
+
+def init_segmenter(config: ml_collections.ConfigDict, seg: nn.Module,
+                   variables: dict | None = None) -> dict:
+  """The segmenter variables a fresh run starts from: the seeded init, or `variables` from a
+  converted checkpoint (the whole segmenter, or an ImageNet trunk over the seeded init)."""
+  if variables is not None and set(models.HEADS) <= set(variables['params']):
+    return variables
+  w, h = config.data.input_size
+  fresh = _seeded_init(seg, _init_keys(config)[0], jnp.zeros((1, h, w, 3), jnp.float32))
+  if variables is None:
+    return fresh
+  # The original initializes the whole network, then loads the ImageNet trunk over it.
+  return flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(fresh),
+                                            **flax.traverse_util.flatten_dict(variables)})
+
+
 def init_state(config: ml_collections.ConfigDict, seg: nn.Module, disc: nn.Module,
                variables: dict | None = None) -> tuple[TrainState, optax.GradientTransformation,
                                                        optax.GradientTransformation]:
-  """Fresh train state (segmenter variables may come from a converted checkpoint)."""
+  """Fresh train state (segmenter variables as `init_segmenter`)."""
   w, h = config.data.input_size
-  key = jax.random.PRNGKey(config.seed)
-  k_seg, k_disc, k_run = jax.random.split(key, 3)
-  images = jnp.zeros((1, h, w, 3), jnp.float32)
-  # Jitted: eager init compiles every random draw separately (slow on CPU).
-  if variables is None:
-    variables = jax.jit(functools.partial(seg.init, train=False))(k_seg, images)
+  _, k_disc, k_run = _init_keys(config)
+  variables = init_segmenter(config, seg, variables)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   disc_params = jax.jit(disc.init)(k_disc, jnp.zeros((1, h, w, config.data.num_classes),
                                                      jnp.float32))

@@ -1,7 +1,9 @@
 """Parity with a PyTorch model built like the original, and the checkpoint conversion."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +13,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import test as test_config
 from depthuda import models
+from depthuda import predict
+from depthuda import train
+from depthuda.errors import InputError
+from depthuda.stages import training
+from tests import main_runs
 
 torch = pytest.importorskip('torch')
 nn = torch.nn
@@ -169,24 +177,26 @@ def test_train_mode_parity(state_dict, images):
   _assert_close(frozen[0], _model().apply(variables, images, train=False)[0], tol=0)
 
 
-def test_imagenet_naming(state_dict):
-  """`Scale.` keys, the old `layer5` classifier skipped, heads N(0, 0.01) from the seed."""
-  backbone = {f'Scale.{k}': v for k, v in state_dict.items()
+def _imagenet_file(state_dict):
+  """The ImageNet file's layout: `Scale.` names, the trunk, and an old `layer5` classifier of
+  another class count (11 here)."""
+  imagenet = {f'Scale.{k}': v for k, v in state_dict.items()
               if not k.startswith(('layer6', 'enc', 'dec'))}
-  backbone.update({f'Scale.layer5.conv2d_list.{i}.{leaf}': np.zeros(3)
-                   for i in range(4) for leaf in ('weight', 'bias')})
-  converted = models.from_torch_state_dict(backbone, NUM_CLASSES, seed=3)
-  other_seed = models.from_torch_state_dict(backbone, NUM_CLASSES, seed=4)
+  channels = WIDTH * 32
+  imagenet.update({f'Scale.layer5.conv2d_list.{i}.weight': np.ones((11, channels, 3, 3))
+                   for i in range(4)})
+  imagenet.update({f'Scale.layer5.conv2d_list.{i}.bias': np.ones(11) for i in range(4)})
+  return imagenet
+
+
+def test_imagenet_file_gives_the_trunk_alone(state_dict):
+  converted = models.from_torch_state_dict(_imagenet_file(state_dict), NUM_CLASSES)
   trained = models.from_torch_state_dict(state_dict, NUM_CLASSES)
-  for name in ('classifier', 'density_head', 'depth_head'):
-    for conv, leaves in converted['params'][name].items():
-      assert abs(np.std(leaves['kernel']) - 0.01) < 0.001
-      assert not np.any(leaves['bias'])
-      assert not np.array_equal(leaves['kernel'], other_seed['params'][name][conv]['kernel'])
-    del converted['params'][name], trained['params'][name]
-  jax.tree.map(np.testing.assert_array_equal, converted, trained)
-
-
+  assert not set(models.HEADS) & set(converted['params'])
+  jax.tree.map(np.testing.assert_array_equal, converted, models.trunk(trained))
+  # The class count is no property of a trunk.
+  jax.tree.map(np.testing.assert_array_equal, converted,
+               models.from_torch_state_dict(_imagenet_file(state_dict)))
 @pytest.mark.parametrize('change, message', [
     (lambda sd: sd.update({'layer2.0.conv4.weight': np.zeros(1)}), 'layer2.0.conv4.weight'),
     (lambda sd: sd.pop('layer3.1.bn2.running_var'), 'layer3.1.bn2.running_var'),
@@ -201,8 +211,11 @@ def test_bad_state_dict(state_dict, change, message):
     models.from_torch_state_dict(broken, NUM_CLASSES)
 
 
-def test_wrong_num_classes(state_dict):
-  with pytest.raises(ValueError, match=r'layer6.conv2d_list.0.weight \(3,'):
+def test_trained_num_classes_read_off_the_classifier(state_dict):
+  whole = models.from_torch_state_dict(state_dict)
+  assert whole['params']['classifier']['conv0']['kernel'].shape[-1] == NUM_CLASSES
+  with pytest.raises(ValueError, match=r'classifier \(layer6.*\) has 3 classes, not '
+                                       r'num_classes=4'):
     models.from_torch_state_dict(state_dict, NUM_CLASSES + 1)
 
 
@@ -211,20 +224,117 @@ def _convert(*args):
                         text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
-def test_convert_cli(torch_model, state_dict, tmp_path):
-  path = tmp_path / 'trained.pth'
-  torch.save({'model': torch_model.state_dict(), 'optimizer': {}}, path)
-  result = _convert(f'--torch_checkpoint={path}', f'--output={tmp_path / "out"}',
-                    f'--num_classes={NUM_CLASSES}')
-  assert result.returncode == 0, result.stderr
-  assert 'width 4' in result.stdout
-  restored = ocp.StandardCheckpointer().restore(tmp_path / 'out' / 'variables')
+def _config(num_classes, init_from):
+  """configs/test.py with the architecture of the torch model here."""
+  config = test_config.get_config()
+  config.model.layers = LAYERS
+  config.model.width = WIDTH
+  config.data.num_classes = num_classes
+  config.data.input_size = (48, 32)
+  config.init_from = str(init_from)
+  return config
+
+
+@pytest.fixture(scope='module')
+def conversions(torch_model, state_dict, tmp_path_factory):
+  """{'imagenet': DIR, 'trained': DIR} written by the converter's command line, side by side."""
+  root = tmp_path_factory.mktemp('conversions')
+  torch.save({'model': torch_model.state_dict(), 'optimizer': {}}, root / 'trained.pth')
+  torch.save({k: torch.from_numpy(np.asarray(v, np.float32))
+              for k, v in _imagenet_file(state_dict).items()}, root / 'imagenet.pth')
+  runs = {kind: main_runs.popen([sys.executable, '-m', 'depthuda.convert',
+                                 f'--torch_checkpoint={root / kind}.pth',
+                                 f'--output={root / kind}'])
+          for kind in ('imagenet', 'trained')}
+  for kind, run in runs.items():
+    result = main_runs.finish(run)
+    assert result.returncode == 0, result.stderr
+    assert 'width 4' in result.stdout
+  return {kind: root / kind for kind in runs}
+
+
+def test_convert_cli(conversions, state_dict, tmp_path):
+  trained = json.loads((conversions['trained'] / 'metadata.json').read_text())
+  assert trained == {'kind': 'trained', 'num_classes': NUM_CLASSES, 'layers': list(LAYERS),
+                     'width': WIDTH, 'source': str(conversions['trained']) + '.pth'}
+  imagenet = json.loads((conversions['imagenet'] / 'metadata.json').read_text())
+  assert imagenet == {'kind': 'imagenet', 'layers': list(LAYERS), 'width': WIDTH,
+                      'source': str(conversions['imagenet']) + '.pth'}
+  restored = ocp.StandardCheckpointer().restore(conversions['trained'] / 'variables')
   jax.tree.map(np.testing.assert_array_equal, restored,
                models.from_torch_state_dict(state_dict, NUM_CLASSES))
 
-  # A mismatch is one line naming the key, exit status 1, no traceback.
-  result = _convert(f'--torch_checkpoint={path}', f'--output={tmp_path / "bad"}')
+  # A mismatch is one line naming the fix, exit status 1, no traceback.
+  result = _convert(f'--torch_checkpoint={conversions["trained"]}.pth',
+                    f'--output={tmp_path / "bad"}', f'--num_classes={NUM_CLASSES + 1}')
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   lines = result.stderr.strip().splitlines()
-  assert lines[-1].startswith('error: ') and 'layer6.conv2d_list.0.weight' in lines[-1]
+  assert len(lines) == 1
+  assert lines[0].startswith('error: ') and 'has 3 classes, not num_classes=4' in lines[0]
+  assert not (tmp_path / 'bad').exists()
+
+
+def _initial_variables(config):
+  """What the adapt stage starts from, and what a run without `init_from` starts from."""
+  seg, _ = train.build_models(config)
+  loaded = training.initial_variables(config, '', 'adapt', seg)
+  return train.init_segmenter(config, seg, loaded), seg
+
+
+@pytest.mark.parametrize('num_classes', [16, 7])
+def test_imagenet_conversion_starts_any_class_count(conversions, state_dict, num_classes):
+  """The trunk exactly as in the file, the classifier and heads as a fresh seeded init."""
+  config = _config(num_classes, conversions['imagenet'])
+  variables, seg = _initial_variables(config)
+  fresh = train.init_segmenter(config, seg)
+  # The reference trunk: the torch arrays, laid out as the parity tests check.
+  trained = models.from_torch_state_dict(state_dict, NUM_CLASSES)
+  np.testing.assert_array_equal(variables['params']['conv1']['kernel'],
+                                state_dict['conv1.weight'].transpose(2, 3, 1, 0))
+  jax.tree.map(np.testing.assert_array_equal, models.trunk(variables), models.trunk(trained))
+  assert variables['params']['classifier']['conv0']['kernel'].shape[-1] == num_classes
+  for head in models.HEADS:
+    jax.tree.map(np.testing.assert_array_equal, variables['params'][head], fresh['params'][head])
+  assert not np.array_equal(variables['params']['layer1_0']['conv1']['kernel'],
+                            fresh['params']['layer1_0']['conv1']['kernel'])
+
+
+def test_trained_conversion_loads_whole(conversions, state_dict):
+  variables, _ = _initial_variables(_config(NUM_CLASSES, conversions['trained']))
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               models.from_torch_state_dict(state_dict, NUM_CLASSES))
+
+
+def test_prediction_needs_a_trained_conversion(conversions):
+  config = _config(NUM_CLASSES, '')
+  with pytest.raises(InputError, match=r'holds an ImageNet trunk without a trained classifier'):
+    predict.load_model(config, checkpoint=str(conversions['imagenet']))
+
+
+def test_init_from_mismatches_cli(conversions, tmp_path):
+  """Each mismatch stops `depthuda.main` at once: exit status 1 and one line naming the fix."""
+  old = tmp_path / 'old'  # converted before folders recorded what they hold
+  shutil.copytree(conversions['trained'], old)
+  os.remove(old / 'metadata.json')
+  layers = '--config.model.layers=(1,1,2,1)'
+  cases = {
+      'no converted checkpoint at .*nothing/variables; .*python -m depthuda.convert':
+          (tmp_path / 'nothing', layers),
+      'old has no metadata.json .*convert the .pth again': (old, layers),
+      'holds a trained 3-class model; this config has 7 classes .*or an ImageNet conversion':
+          (conversions['trained'], layers),
+      r'holds a ResNet with layers \(1, 1, 2, 1\) and width 4; this config has '
+      r'model.layers=\(1, 1, 1, 1\)': (conversions['imagenet'],),
+  }
+  runs = {message: main_runs.popen(
+      [sys.executable, '-m', 'depthuda.main', '--config=configs/test.py',
+       f'--workdir={tmp_path / f"run{i}"}', f'--config.init_from={init_from}', *args])
+          for i, (message, (init_from, *args)) in enumerate(cases.items())}
+  for message, run in runs.items():
+    result = main_runs.finish(run)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith('depthuda: error: config.init_from='), lines[0]
+    assert re.search(message, lines[0]), lines[0]

@@ -19,6 +19,7 @@ import pytest
 
 from configs import test as test_config
 from depthuda import checkpointing
+from depthuda import converted
 from depthuda import train
 from depthuda.data import cityscapes
 from depthuda.data import pipeline
@@ -150,15 +151,24 @@ def test_missing_or_mismatched_pretrained_checkpoint(tmp_path):
   config = _adapt_config()
   seg, _ = train.build_models(config)
   config.init_from = str(tmp_path / 'nothing')
-  with pytest.raises(InputError, match=r'config.init_from: no converted checkpoint at .*nothing'):
+  with pytest.raises(InputError, match=r'config.init_from=.*nothing: no converted checkpoint at'):
     training.initial_variables(config, str(tmp_path), 'adapt', seg)
   wider = config.copy_and_resolve_references()
   wider.model.width = 8
   wide_seg, _ = train.build_models(wider)
   variables = jax.jit(lambda: wide_seg.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 48, 3)),
                                             train=False))()
-  checkpointing.save_variables(str(tmp_path / 'wide'), variables)
+  layers = config.model.layers
+  checkpointing.save_variables(str(tmp_path / 'wide'), variables, converted.metadata(
+      converted.TRAINED, layers, 8, config.data.num_classes, source='wide.pth'))
   config.init_from = str(tmp_path / 'wide')
+  with pytest.raises(InputError, match=r'config.init_from=.*wide: .*wide holds a ResNet with '
+                                       r'layers \(1, 1, 1, 1\) and width 8; this config has '
+                                       r'model.layers=\(1, 1, 1, 1\) and model.width=4'):
+    training.initial_variables(config, str(tmp_path), 'adapt', seg)
+  # A record that does not describe the variables: Orbax's shape check, still on one line.
+  converted.write_metadata(str(tmp_path / 'wide'), converted.metadata(
+      converted.TRAINED, layers, 4, config.data.num_classes, source='wide.pth'))
   with pytest.raises(InputError, match=r'config.init_from=.*wide: checkpoint does not match'):
     training.initial_variables(config, str(tmp_path), 'adapt', seg)
 

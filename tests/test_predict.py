@@ -14,6 +14,7 @@ import pytest
 
 from configs import test as test_config
 from depthuda import checkpointing
+from depthuda import converted
 from depthuda import losses
 from depthuda import predict
 from depthuda import train
@@ -189,7 +190,9 @@ def test_command_line_and_one_line_errors(setup, tmp_path):
 def test_checkpoint_paths_stage_best_and_converted(setup, tmp_path):
   root, config = setup
   _, reference, _ = predict.load_model(config, workdir=str(root / 'run'))
-  checkpointing.save_variables(str(tmp_path), reference)
+  checkpointing.save_variables(str(tmp_path), reference, converted.metadata(
+      converted.TRAINED, config.model.layers, config.model.width, config.data.num_classes,
+      source='trained.pth'))
   for path in (root / 'run' / 'adapt', root / 'run' / 'adapt' / 'best', tmp_path):
     _, variables, _ = predict.load_model(config, checkpoint=str(path))
     jax.tree.map(np.testing.assert_array_equal, variables, reference)

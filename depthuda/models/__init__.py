@@ -1,8 +1,8 @@
 """The networks: DeepLabV2 with depth and density heads, the discriminator, checkpoint import."""
 
-from depthuda.models.deeplab import DeepLabV2Depth, frozen_mask
+from depthuda.models.deeplab import HEADS, DeepLabV2Depth, frozen_mask, trunk
 from depthuda.models.discriminator import Discriminator
 from depthuda.models.torch_convert import from_torch_state_dict, infer_architecture
 
-__all__ = ['DeepLabV2Depth', 'Discriminator', 'from_torch_state_dict', 'frozen_mask',
-           'infer_architecture']
+__all__ = ['HEADS', 'DeepLabV2Depth', 'Discriminator', 'from_torch_state_dict', 'frozen_mask',
+           'infer_architecture', 'trunk']

@@ -165,6 +165,13 @@ class DeepLabV2Depth(nn.Module):
     return seg.astype(jnp.float32), density, depth
 
 
+def trunk(variables: dict[str, Any]) -> dict[str, Any]:
+  """The ResNet trunk's part of `DeepLabV2Depth` variables (or their shapes): every collection
+  without the classifier and heads."""
+  return {collection: {name: tree for name, tree in modules.items() if name not in HEADS}
+          for collection, modules in variables.items()}
+
+
 def frozen_mask(params: Any) -> Any:
   """True for the BatchNorm scale and bias leaves (frozen in the original), False elsewhere.
 

@@ -3,13 +3,13 @@
 Two kinds of files are accepted (METHOD §3):
 - the ImageNet initialization `DeepLab_resnet_pretrained_imagenet.pth`: keys `Scale.conv1.weight`,
   `Scale.layer1.0.downsample.1.running_var`, ..., and `Scale.layer5.*` (an old classifier, skipped).
-  The heads are absent and keep their N(0, 0.01) initialization from `seed`;
+  It gives the ResNet trunk alone; the classifier and heads start from the loading run's init;
 - trained checkpoints of the original: the same names without `Scale.`, the classifier as
   `layer6.conv2d_list.{0..3}`, the density head as `enc4_{1,2,3}` and the depth head as
   `enc5_{1,2,3}`, all with weight and bias (the parameter count of METHOD §3 includes the head
   biases). Their unused `enc4_4` and `dec4` are skipped.
 
-A head that is absent as a whole is initialized; a head present only in part is an error.
+A trained checkpoint must hold the whole model: a missing classifier or head key is an error.
 `num_batches_tracked` is ignored. Torch never needs to be imported here: values are arrays.
 """
 
@@ -19,23 +19,25 @@ import functools
 import re
 from typing import Any, Mapping
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthuda.models.deeplab import HEADS, DeepLabV2Depth
+from depthuda.models.deeplab import DeepLabV2Depth, trunk
 
 IMAGENET_PREFIX = 'Scale.'
 # Keys of the original that this model has no use for.
 _SKIPPED = re.compile(r'^(layer5|enc4_4|dec4)\.|\.num_batches_tracked$')
 _BLOCK = re.compile(r'^layer([1-4])\.(\d+)\.')
+# Keys that only a trained checkpoint has: the classifier and the heads.
+_HEAD_PREFIXES = ('layer6.', 'enc4_', 'enc5_')
+_CLASSIFIER_KEY = 'layer6.conv2d_list.0.weight'
 # Flax leaf name -> torch parameter / buffer name.
 _LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
                'var': 'running_var'}
 _SUBMODULE_NAMES = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
-# Input side for shape inference and head initialization; parameters don't depend on it.
+# Input side for shape inference; parameters don't depend on it.
 _DUMMY_SIDE = 32
 # How many names an error message lists per kind.
 _MAX_LISTED = 12
@@ -106,54 +108,59 @@ def _listed(names: list[str]) -> str:
   return ', '.join(names[:_MAX_LISTED]) + (f' and {more} more' if more > 0 else '')
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], num_classes: int,
-                          seed: int = 0) -> dict[str, Any]:
+def from_torch_state_dict(state_dict: Mapping[str, Any],
+                          num_classes: int | None = None) -> dict[str, Any]:
   """Flax variables of `DeepLabV2Depth` from a state dict of the original.
+
+  An ImageNet file (no classifier `layer6` and no heads; its old `layer5` classifier is skipped)
+  gives the ResNet trunk alone: the classifier and heads are left to the fresh, seeded init of
+  the run that loads it, as the original initializes them, so one conversion serves any class
+  count. A trained checkpoint gives the whole model, every key accounted for.
 
   Args:
     state_dict: {name: array} (numpy arrays or anything `np.asarray` takes, detached CPU
-      torch tensors included) with the original's names: an ImageNet `Scale.` file or a trained checkpoint.
-    num_classes: classes of the segmenter (the classifier's shape, if the file has one).
-    seed: PRNG seed of the N(0, 0.01) initialization of heads the file lacks: the same draws
-      as `model.init(jax.random.PRNGKey(seed), ...)` (up to float rounding).
+      torch tensors included) with the original's names: an ImageNet `Scale.` file or a trained
+      checkpoint.
+    num_classes: for a trained checkpoint, the classes its classifier must have (None: whatever
+      it has). Not used for an ImageNet file.
   Returns:
-    {'params': ..., 'batch_stats': ...} for
-    `DeepLabV2Depth(num_classes, layers, width)` with (layers, width) = `infer_architecture`.
+    {'params': ..., 'batch_stats': ...} of `DeepLabV2Depth(num_classes, layers, width)` with
+    (layers, width) = `infer_architecture`: the whole tree, or its `trunk` for an ImageNet file.
   Raises:
-    ValueError: listing unknown keys, missing keys and shape mismatches.
+    ValueError: listing unknown keys, missing keys and shape mismatches, or naming a classifier
+      of another class count.
   """
   layers, width = infer_architecture(state_dict)
   arrays = _normalize(state_dict)
-  model = DeepLabV2Depth(num_classes=num_classes, layers=layers, width=width)
-  init = functools.partial(model.init, jax.random.PRNGKey(seed),
-                           jnp.zeros((1, _DUMMY_SIDE, _DUMMY_SIDE, 3), jnp.float32), train=False)
-  expected = flax.traverse_util.flatten_dict(jax.eval_shape(init))
+  trained = any(key.startswith(_HEAD_PREFIXES) for key in arrays)
+  classifier = arrays.get(_CLASSIFIER_KEY)
+  if trained and classifier is not None:
+    if num_classes is not None and num_classes != classifier.shape[0]:
+      raise ValueError(f'the classifier ({_CLASSIFIER_KEY}) has {classifier.shape[0]} classes, '
+                       f'not num_classes={num_classes}')
+    num_classes = classifier.shape[0]
+  # An ImageNet trunk does not depend on the class count: any will do for its shapes.
+  model = DeepLabV2Depth(num_classes=num_classes or 1, layers=layers, width=width)
+  shapes = jax.eval_shape(functools.partial(
+      model.init, jax.random.PRNGKey(0), jnp.zeros((1, _DUMMY_SIDE, _DUMMY_SIDE, 3), jnp.float32),
+      train=False))
+  expected = flax.traverse_util.flatten_dict(shapes if trained else trunk(shapes))
   names = {path: _torch_name(path) for path in expected}
 
   known = set(names.values())
   unknown = sorted(key for key in arrays if key not in known)
-  absent = {path for path, name in names.items() if name not in arrays}
-  initialized = [head for head in HEADS
-                 if all(path in absent for path in expected if path[1] == head)]
-  missing = sorted(names[path] for path in absent if path[1] not in initialized)
+  missing = sorted(name for name in names.values() if name not in arrays)
   mismatched = []
   for path, name in names.items():
-    if path not in absent and _to_flax(arrays[name]).shape != expected[path].shape:
+    if name in arrays and _to_flax(arrays[name]).shape != expected[path].shape:
       mismatched.append(f'{name} {arrays[name].shape} (model expects '
                         f'{_torch_shape(expected[path].shape)})')
   if unknown or missing or mismatched:
     problems = [f'{kind}: {_listed(keys)}' for kind, keys in
                 (('unknown keys', unknown), ('missing keys', missing),
                  ('shape mismatches', mismatched)) if keys]
-    raise ValueError(f'state dict does not fit DeepLabV2Depth(num_classes={num_classes}, '
-                     f'layers={layers}, width={width}); ' + '; '.join(problems))
-
-  flat = {path: jnp.asarray(_to_flax(arrays[name])) for path, name in names.items()
-          if path not in absent}
-  if initialized:
-    logging.info('Heads absent from the state dict, initialized from seed %d: %s', seed,
-                 ', '.join(initialized))
-    # Only the heads' parameters are outputs: XLA drops the forward pass and the trunk's init.
-    heads = jax.jit(lambda: {h: init()['params'][h] for h in initialized})()
-    flat.update(flax.traverse_util.flatten_dict({'params': heads}))
-  return flax.traverse_util.unflatten_dict(flat)
+    what = (f'DeepLabV2Depth(num_classes={num_classes}, layers={layers}, width={width})'
+            if trained else f'the ResNet trunk (layers={layers}, width={width})')
+    raise ValueError(f'state dict does not fit {what}; ' + '; '.join(problems))
+  return flax.traverse_util.unflatten_dict(
+      {path: jnp.asarray(_to_flax(arrays[name])) for path, name in names.items()})

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from depthuda import checkpointing
+from depthuda import converted
 from depthuda import reporting
 from depthuda import train
 from depthuda.errors import InputError
@@ -64,7 +65,8 @@ class _StopRequest:
 
 def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: str,
                       seg) -> dict | None:
-  """Where a stage starts: self_train from adapt's best model, adapt from `init_from`."""
+  """Where a stage starts: self_train from adapt's best model, adapt from `init_from` (an
+  ImageNet conversion gives the trunk alone: `train.init_state` initializes the rest)."""
   w, h = config.data.input_size
   abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, h, w, 3)), train=False))
@@ -72,11 +74,10 @@ def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: st
     variables, _ = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt')).restore_best(abstract)
     return variables
   if config.init_from:
+    meta = converted.check_init_from(config)
     try:
-      return checkpointing.load_variables(config.init_from, abstract)
-    except FileNotFoundError as e:
-      raise InputError(f'config.init_from: {e}') from None
-    except ValueError as e:
+      return checkpointing.load_variables(config.init_from, abstract, meta)
+    except ValueError as e:  # a folder whose metadata.json does not describe its variables
       raise InputError(f'config.init_from={config.init_from}: checkpoint does not match the '
                        f'model ({str(e).splitlines()[0]})') from None
   return None
