@@ -94,6 +94,37 @@ def test_tiny_forward_and_init():
         jax.random.PRNGKey(0), images, train=False)
 
 
+def test_head_biases_keep_pytorch_default_init():
+  """Classifier and head biases ~ U(+-1/sqrt(fan_in)), fan_in = C_in kh kw (PyTorch's Conv2d
+  default, which the original keeps); their conv weights ~ N(0, 0.01)."""
+  stats = pytest.importorskip('scipy.stats')
+  model = models.DeepLabV2Depth(num_classes=32, layers=(1, 1, 1, 1), width=8)
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False)['params'])
+  params = init(jax.random.PRNGKey(0))
+  c4 = 8 * 32  # layer4 channels
+  biases = {'classifier': ([params['classifier'][f'conv{i}']['bias'] for i in range(4)], c4 * 9)}
+  for head in ('density_head', 'depth_head'):
+    p = params[head]
+    biases[f'{head}/conv1'] = ([p['conv1']['bias']], c4)
+    biases[f'{head}/conv2'] = ([p['conv2']['bias']], 64 * 9)
+    biases[f'{head}/conv3'] = ([p['conv3']['bias']], 64)
+  for name, (leaves, fan_in) in biases.items():
+    values = np.concatenate([np.ravel(b) for b in leaves]).astype(np.float64)
+    bound = 1 / math.sqrt(fan_in)
+    assert np.max(np.abs(values)) <= bound, name
+    assert np.max(np.abs(values)) > bound / 2, name
+    assert stats.kstest(values, stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3, name
+  kernels = np.concatenate([np.ravel(params[h][c]['kernel']) for h in ('density_head', 'depth_head')
+                            for c in ('conv1', 'conv2', 'conv3')]
+                           + [np.ravel(params['classifier'][f'conv{i}']['kernel'])
+                              for i in range(4)])
+  assert stats.kstest(kernels[:20_000], stats.norm(0, 0.01).cdf).pvalue > 1e-3
+  again, other = init(jax.random.PRNGKey(0)), init(jax.random.PRNGKey(1))
+  bias = lambda p: p['depth_head']['conv2']['bias']
+  np.testing.assert_array_equal(bias(again), bias(params))
+  assert not np.allclose(bias(other), bias(params))
+
+
 def test_discriminator_shapes_and_init():
   disc = models.Discriminator(ndf=8)
   x = jnp.zeros((2, 64, 96, 5))

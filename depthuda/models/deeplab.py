@@ -8,6 +8,7 @@ of METHOD §4). The depth and density heads are the original's `enc5_*` and `enc
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -26,9 +27,23 @@ ASPP_DILATIONS = (6, 12, 18, 24)
 HEADS = ('classifier', 'density_head', 'depth_head')
 
 
+def torch_bias_init(fan_in: int) -> Callable:
+  """PyTorch's default conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in * kh * kw.
+
+  The original re-initialises only the conv weights (N(0, 0.01)); the biases of the classifier
+  and of the depth and density heads keep this default (METHOD §3).
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
 class _ConvParams(nn.Module):
   """The kernel [kh, kw, C_in, features] and bias of a conv, declared as `nn.Conv` declares them
-  (same names, order and initializers, hence the same initial values), not applied."""
+  (same names and order; the bias with `torch_bias_init`), not applied."""
   features: int
   kernel_size: tuple[int, int]
   kernel_init: Callable = CONV_INIT
@@ -37,7 +52,8 @@ class _ConvParams(nn.Module):
   def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
     kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, in_features, self.features),
                         jnp.float32)
-    return kernel, self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    fan_in = in_features * self.kernel_size[0] * self.kernel_size[1]
+    return kernel, self.param('bias', torch_bias_init(fan_in), (self.features,), jnp.float32)
 
 
 def _shift(x: jax.Array, rows: int, cols: int) -> jax.Array:
@@ -101,9 +117,11 @@ class RegressionHead(nn.Module):
                              param_dtype=jnp.float32)
     conv1x1 = functools.partial(Conv1x1, use_bias=True, kernel_init=self.kernel_init,
                                 dtype=self.dtype)
-    x = nn.relu(conv1x1(8 * self.width, name='conv1')(x))
-    x = nn.relu(conv(8 * self.width, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(x))
-    x = conv1x1(2 * self.width, name='conv3')(x)
+    c_in, hidden = x.shape[-1], 8 * self.width
+    x = nn.relu(conv1x1(hidden, bias_init=torch_bias_init(c_in), name='conv1')(x))
+    x = nn.relu(conv(hidden, (3, 3), padding=((1, 1), (1, 1)),
+                     bias_init=torch_bias_init(9 * hidden), name='conv2')(x))
+    x = conv1x1(2 * self.width, bias_init=torch_bias_init(hidden), name='conv3')(x)
     return jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True)
 
 

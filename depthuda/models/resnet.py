@@ -74,14 +74,16 @@ class Conv1x1(nn.Module):
   Attributes:
     features: output channels.
     strides: spatial stride.
-    use_bias: add a bias (zeros at init, as `nn.Conv`).
+    use_bias: add a bias.
     kernel_init: initializer of the [1, 1, C_in, features] kernel.
+    bias_init: initializer of the bias (zeros, as `nn.Conv`'s default).
     dtype: compute dtype; parameters are float32.
   """
   features: int
   strides: int = 1
   use_bias: bool = False
   kernel_init: Callable = CONV_INIT
+  bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -89,7 +91,7 @@ class Conv1x1(nn.Module):
     """[B, H, W, C_in] -> [B, ceil(H / s), ceil(W / s), features]."""
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
                         jnp.float32)
-    bias = (self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    bias = (self.param('bias', self.bias_init, (self.features,), jnp.float32)
             if self.use_bias else None)
     x = x[:, ::self.strides, ::self.strides]
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
