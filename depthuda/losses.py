@@ -115,6 +115,9 @@ def berhu(pred: jax.Array, target: jax.Array, axis_name: str | None = None) -> j
   per element |d| if |d| <= c, else (d^2 + c^2) / (2c); mean over all elements.
   c is a constant for differentiation: the original takes it with `.item()`.
   When every |d| is 0, c = 0 and the loss is 0 with a finite gradient.
+  A SYNTHIA pixel at raw depth 0 (inverse depth 65,536) sets c near 13,000 for the whole batch,
+  as in the original, so that every ordinary pixel takes the linear branch; in float32 d^2
+  (up to ~4.3e9) and the loss stay finite. Inputs are cast to float32 whatever the compute dtype.
 
   Args:
     pred, target: arrays of one shape (e.g. [B, H, W]).

@@ -84,14 +84,15 @@ def colorize_scalar(x: Any, vmin: float | None = None, vmax: float | None = None
                     cmap: str = 'magma') -> np.ndarray:
   """[H, W] scalar map (depth, density, entropy) -> [H, W, 3] uint8 RGB.
 
-  vmin / vmax default to the finite range of x; non-finite values are black.
+  vmin / vmax default to the 1st and 99th percentiles of the finite values, so that a few
+  extreme pixels (SYNTHIA's raw depth 0 is inverse depth 65,536 where the rest is ~1-100) are
+  clipped instead of turning the rest black; non-finite values are black.
   """
   x = np.asarray(x, np.float64)
   finite = np.isfinite(x)
-  if vmin is None:
-    vmin = float(x[finite].min()) if finite.any() else 0.0
-  if vmax is None:
-    vmax = float(x[finite].max()) if finite.any() else 1.0
+  low, high = np.percentile(x[finite], [1, 99]) if finite.any() else (0.0, 1.0)
+  vmin = float(low) if vmin is None else vmin
+  vmax = float(high) if vmax is None else vmax
   span = vmax - vmin
   scaled = np.clip((x - vmin) / span, 0.0, 1.0) if span > 0 else np.zeros_like(x)
   rgb = matplotlib.colormaps[cmap](np.where(finite, scaled, 0.0))[..., :3]

@@ -59,6 +59,29 @@ def _inputs(seed=1):
   return logits, labels.astype(np.int32), depth
 
 
+def test_density_targets_at_inverse_depth_65536():
+  """SYNTHIA's raw depth 0 is inverse depth 65,536; the original's GMMs have components there
+  (and at 64,270 for rider) with variance 1e-6. Both targets match float64 at those depths."""
+  params = _params()
+  means, variances = np.array(params.means), np.array(params.variances)
+  means[0, 0, 2], variances[0, 0, 2] = 65536.0, 1e-6
+  means[1, 0, 2], variances[1, 0, 2] = 64270.0, 1e-6
+  params = gmm.GMMParams(weights=params.weights, means=jnp.asarray(means),
+                         variances=jnp.asarray(variances))
+  logits, labels, depth = _inputs()
+  depth[0, :, :3] = 65536.0
+  depth[1, :, 2:] = 64270.0
+  depth[1, 0, 0] = 65536.0 + 1 / 128  # one float32 step above: 6e4 standard deviations off
+  got = density.source_density_target(params, logits, labels, depth, 1e3)
+  correct = lambda b, i, j, c: depth[b, i, j] if labels[b, i, j] == c else 0.0
+  expected = _numpy_targets(params, logits, correct, 1e3, False)
+  assert np.all(np.isfinite(got)) and expected.max() > 100  # the 1e-6 peaks are reached
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+  got = density.target_density_target(params, logits, depth, 1e3)
+  expected = _numpy_targets(params, logits, lambda b, i, j, c: depth[b, i, j], 1e3, True)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize('scale', [1e3, 1e6])
 def test_source_density_target_matches_loop(scale):
   params = _params()

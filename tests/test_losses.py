@@ -163,6 +163,23 @@ def test_berhu_zero_difference_is_zero_and_finite():
   assert float(loss) == 0.0 and np.all(np.isfinite(grad))
 
 
+def test_berhu_with_an_inverse_depth_of_65536():
+  """One SYNTHIA pixel at raw depth 0 (inverse depth 65,536) sets c for the whole batch, as in
+  the original: every other pixel is then in the linear regime. Loss and gradient stay finite
+  and match float64."""
+  rng = np.random.default_rng(3)
+  pred = rng.uniform(0, 100, (2, 8, 9)).astype(np.float32)
+  target = rng.uniform(1, 100, (2, 8, 9)).astype(np.float32)
+  target[1, 4, 5] = 65536.0
+  loss, grad = jax.value_and_grad(losses.berhu)(jnp.asarray(pred), jnp.asarray(target))
+  np.testing.assert_allclose(loss, _numpy_berhu(pred, target), rtol=1e-6)
+  d = pred.astype(np.float64) - target
+  c = 0.2 * np.abs(d).max()
+  expected = np.where(np.abs(d) <= c, np.sign(d), d / c) / d.size
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad, expected, rtol=1e-5)
+
+
 def test_bce_with_logits_closed_form_and_stability():
   np.testing.assert_allclose(losses.bce_with_logits(jnp.zeros((3, 4)), 1.0), math.log(2),
                              rtol=1e-6)

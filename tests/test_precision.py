@@ -22,7 +22,11 @@ def test_bfloat16_compute_keeps_state_and_losses_float32():
   step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                  disc_tx=disc_tx, config=config)
   params = train.replicate(_gmm_params(), mesh)
-  batch = train.shard_batch(_batches(1, 1, config)[0], mesh)
+  batch = _batches(1, 1, config)[0]
+  # SYNTHIA's raw depth 0 (inverse depth 65,536) and a value bfloat16 cannot hold: the depth
+  # target and its losses are float32 whatever the compute dtype.
+  batch['source']['depth'][0, 5, :4] = (65536.0, 64270.0, 65536.0, 64270.0)
+  batch = train.shard_batch(batch, mesh)
   # The convolutions really run in bfloat16.
   hlo = step.lower(state, batch, params).as_text()
   assert 'convolution' in hlo and 'bf16' in hlo

@@ -56,6 +56,22 @@ def test_colorize_scalar_range_and_nonfinite():
   assert np.all(flat == flat[0, 0])
 
 
+def test_colorize_scalar_default_range_ignores_a_few_extreme_pixels():
+  """A SYNTHIA pixel at raw depth 0 (inverse depth 65,536) among depths of 1-100 does not blow
+  the map out: the default range is the 1st-99th percentile of the finite values."""
+  depth = np.linspace(1.0, 100.0, 400).reshape(20, 20)
+  depth[3, 4] = 65536.0
+  depth[5, 6] = np.nan
+  low, high = np.percentile(depth[np.isfinite(depth)], [1, 99])
+  np.testing.assert_array_equal(visualize.colorize_scalar(depth),
+                                visualize.colorize_scalar(depth, low, high))
+  rgb = visualize.colorize_scalar(depth)
+  brightness = rgb.astype(int).sum(-1)
+  assert brightness[-1, -1] > 500 and brightness[0, 0] < 100  # the ramp spans the colour map
+  np.testing.assert_array_equal(rgb[3, 4], rgb[-1, -1])  # the outlier is clipped to the top
+  assert np.all(rgb[5, 6] == 0)
+
+
 def test_overlay_blends_and_keeps_ignored_pixels():
   image = np.full((4, 6, 3), 200, np.uint8)
   label = np.zeros((2, 3), np.int64)

@@ -72,8 +72,9 @@ def image_panels(config: ml_collections.ConfigDict, seg, variables, count: int,
 
   Everything is shown `height` rows tall (legible in TensorBoard for the toy's 96 rows and the
   full 760 alike): image, logits, depth and density resized bilinearly (the logits as for
-  evaluation, then arg-maxed), labels nearest. Depth (inverse depth) uses each image's own range;
-  density the fixed range [0, 255] of its target g(p) (METHOD §4).
+  evaluation, then arg-maxed), labels nearest. Depth (inverse depth) uses each image's own
+  1st-99th percentile range (`visualize.colorize_scalar`); density the fixed range [0, 255] of
+  its target g(p) (METHOD §4).
   """
   variables = _local(variables)
   predict = train.predict_fn(seg)

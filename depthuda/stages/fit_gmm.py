@@ -2,8 +2,9 @@
 
 Every source label map and inverse-depth map is nearest-resized to the feature grid; each cell
 of class c gives a point (x = column, y = row, z = inverse depth). The grid is kept compactly
-(uint8 class, float16 depth per cell) and EM streams it in chunks, so the points of the whole
-source set never exist as one array. The result, `fit_gmm/gmm.json`, is human-readable and also
+(uint8 class, float32 depth per cell) and EM streams it in chunks, so the points of the whole
+source set never exist as one array. float32, not float16: SYNTHIA's raw depth 0 is inverse
+depth 65,536, float16's infinity, and the original's GMMs have components there. The result, `fit_gmm/gmm.json`, is human-readable and also
 holds the per-class source pixel counts that set the pseudo-label region sizes (METHOD §6).
 
 The scanned grid is kept in `fit_gmm/grid.*.npz` and the EM state after every iteration in
@@ -47,7 +48,7 @@ def grid_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def collect_grid(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """This process's source shard on the grid: classes [n,h,w] u8, depth [n,h,w] f16, counts [C]."""
+  """This process's source shard on the grid: classes [n,h,w] u8, depth [n,h,w] f32, counts [C]."""
   num_classes = config.data.num_classes
   grid = grid_size(config)
   classes, depths = [], []
@@ -58,7 +59,7 @@ def collect_grid(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
     label = batch['label']
     counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)
     classes.append(np.asarray(resize(label)).astype(np.uint8))
-    depths.append(np.asarray(resize(batch['depth'])).astype(np.float16))
+    depths.append(np.asarray(resize(batch['depth'])).astype(np.float32))
   return np.concatenate(classes), np.concatenate(depths), counts
 
 
