@@ -31,9 +31,13 @@ def synthetic_batch(config, seed: int) -> dict:
   w, h = config.data.input_size
   b, c = config.batch_size, config.data.num_classes
   image = lambda: jnp.asarray(rng.normal(0, 60, (b, h, w, 3)), jnp.float32)
-  return {'source': {'image': image(),
-                     'label': jnp.asarray(rng.integers(0, c, (b, h, w)), jnp.int32),
-                     'depth': jnp.asarray(rng.uniform(1, 200, (b, h, w)), jnp.float32)},
+  label = rng.integers(0, c, (b, h, w)).astype(np.int32)
+  depth = rng.uniform(1, 200, (b, h, w)).astype(np.float32)
+  rows, cols = (np.floor((np.arange(m) + 0.5) * n / m).astype(int)  # the PIL rule
+                for n, m in zip((h, w), train.feature_grid(config)))
+  return {'source': {'image': image(), 'label': jnp.asarray(label), 'depth': jnp.asarray(depth),
+                     'label_grid': jnp.asarray(label[:, rows][:, :, cols]),
+                     'depth_grid': jnp.asarray(depth[:, rows][:, :, cols])},
           'target': {'image': image()}}
 
 

@@ -105,9 +105,13 @@ class JaxSession:
     c, h, w = config.data.num_classes, args.height, args.width
     label = rng.integers(0, c, (1, h, w)).astype(np.int32)
     label[:, : h // 10] = 255
+    depth = rng.uniform(1, 60, (1, h, w)).astype(np.float32)
+    rows, cols = (np.floor((np.arange(m) + 0.5) * n / m).astype(int)  # the PIL rule
+                  for n, m in zip((h, w), train.feature_grid(config)))
     self.batch = train.shard_batch({
         'source': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32), 'label': label,
-                   'depth': rng.uniform(1, 60, (1, h, w)).astype(np.float32)},
+                   'depth': depth, 'label_grid': label[:, rows][:, :, cols],
+                   'depth_grid': depth[:, rows][:, :, cols]},
         'target': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32)}}, mesh)
     k = config.gmm.num_components
     self.gmm_params = train.replicate(gmm.GMMParams(

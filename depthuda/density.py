@@ -12,33 +12,8 @@ from __future__ import annotations
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 from depthuda import gmm
-
-
-def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """Source index of every output index, as PyTorch's 'nearest' computes it.
-
-  PyTorch (float32 and uint8 tensors) evaluates floor(dst * scale) in float32 with
-  scale = float(in) / out, which can land one below the exact floor(dst * in / out) when that is
-  an integer (e.g. 2 -> 166 at dst 83; not at 760x1280 -> 96x161 or 320x640 -> 41x81). Matching
-  it keeps label and depth grids cell-for-cell identical to the original's.
-  """
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(src, in_size - 1)
-
-
-def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Nearest-neighbour resize of x [B, H, W] or [B, H, W, C] to size (h, w), any dtype.
-
-  Matches torch.nn.functional.interpolate(mode='nearest'): src = floor(dst * in / out), with
-  PyTorch's float32 rounding (see `_nearest_indices`).
-  """
-  rows = _nearest_indices(x.shape[1], size[0])
-  cols = _nearest_indices(x.shape[2], size[1])
-  return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
 
 
 def density_to_target(p: jax.Array, scale: float = 1e6) -> jax.Array:

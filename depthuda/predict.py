@@ -18,7 +18,8 @@ receives
   NAME_classes.png   class ids, 8-bit gray (the format of the pseudo-labels)
   NAME_seg.png       class colours (the dataset palette)
   NAME_overlay.png   class colours blended over the image
-  NAME_depth.png     predicted inverse depth, magma colour map (bright = near), per image range
+  NAME_depth.png     predicted inverse depth, magma colour map (bright = near), scaled to the
+                     image's 1st-99th percentile
   NAME_density.png   predicted density score g(p) in [0, 255], viridis, a fixed range
 No TensorFlow: images are read with PIL, the network runs on JAX's default device.
 """

@@ -86,6 +86,15 @@ def build_models(config: ml_collections.ConfigDict, axis_name: str | None = AXIS
   return seg, disc
 
 
+def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(h, w) of the segmenter's output grid for the configured input size."""
+  seg, _ = build_models(config, axis_name=None)
+  w, h = config.data.input_size
+  out = jax.eval_shape(lambda: seg.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
+                                                    train=False)[0])
+  return tuple(out[0].shape[1:3])
+
+
 def _init_keys(config: ml_collections.ConfigDict) -> jax.Array:
   """The keys of a fresh run: [segmenter init, discriminator init, the run's RNG]."""
   return jax.random.split(jax.random.PRNGKey(config.seed), 3)
@@ -161,7 +170,8 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
                config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
   """One iteration of METHOD §5 on this device's share of the batch.
 
-  batch: {'source': {'image' [b,H,W,3], 'label' [b,H,W], 'depth' [b,H,W]},
+  batch: {'source': {'image' [b,H,W,3], 'label' [b,H,W], 'depth' [b,H,W],
+                     'label_grid' [b,h,w], 'depth_grid' [b,h,w] (on the feature grid)},
           'target': {'image' [b,H,W,3]}}.
   gmm_params may be None when both density losses are off (e.g. source-only training).
   Returns the new state and a dict of scalars (averaged over devices).
@@ -188,7 +198,6 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
   def source_loss(params):
     (seg_s, dens_s, dep_s), stats = _forward(seg, params, state.batch_stats, src['image'], train_bn)
     seg_s, dens_s, dep_s = (x.astype(jnp.float32) for x in (seg_s, dens_s, dep_s))
-    grid = seg_s.shape[1:3]
     terms = {}
     terms['loss_seg'] = losses.weighted_cross_entropy(
         losses.upsample_bilinear(seg_s, size), src['label'], class_weights, axis_name=axis_name)
@@ -196,8 +205,7 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
         losses.upsample_bilinear(dep_s, size)[..., 0], src['depth'], axis_name=axis_name)
     if lam.lambda_bal_src > 0:
       src_target = density.source_density_target(
-          gmm_params, jax.lax.stop_gradient(seg_s), density.nearest_resize(src['label'], grid),
-          density.nearest_resize(src['depth'], grid), scale)
+          gmm_params, jax.lax.stop_gradient(seg_s), src['label_grid'], src['depth_grid'], scale)
       terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
     else:
       terms['loss_bal_src'] = jnp.zeros(())

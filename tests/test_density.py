@@ -125,21 +125,3 @@ def test_density_to_target():
                              255 * (1 - np.exp(-1e6 * np.asarray(p, np.float64))), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(density.density_to_target(p, 1.0)),
                              255 * -np.expm1(-np.asarray(p, np.float64)), rtol=1e-5)
-
-
-@pytest.mark.parametrize('in_hw, out_hw', [((760, 1280), (96, 161)), ((320, 640), (41, 81)),
-                                           ((13, 17), (5, 40)), ((3, 6), (141, 148)),
-                                           ((9, 9), (18, 9))])
-def test_nearest_resize_matches_torch(in_hw, out_hw):
-  torch = pytest.importorskip('torch')
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2,) + in_hw + (3,)).astype(np.float32)
-  expected = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2),
-                                             size=out_hw, mode='nearest').permute(0, 2, 3, 1)
-  np.testing.assert_array_equal(np.asarray(density.nearest_resize(x, out_hw)), expected.numpy())
-  labels = rng.integers(0, 256, (2,) + in_hw).astype(np.uint8)
-  expected = torch.nn.functional.interpolate(torch.from_numpy(labels)[:, None], size=out_hw,
-                                             mode='nearest')[:, 0]
-  resized = jax.jit(density.nearest_resize, static_argnums=1)(labels, out_hw)
-  assert resized.dtype == labels.dtype
-  np.testing.assert_array_equal(np.asarray(resized), expected.numpy())

@@ -113,7 +113,7 @@ def test_bad_source_data_names_the_file(case, tmp_path):
   damage, message = _cases()[case]
   damage(tmp_path)
   with pytest.raises(InputError, match=message):
-    next(pipeline.source_train(config))
+    next(pipeline.source_train(config, (5, 8)))
 
 
 def _zip_without(source, dest, drop):

@@ -32,9 +32,10 @@ def _config(root, size):
   return c
 
 
-def test_raw_depth_zero_gives_inverse_depth_65536_and_finite_gmms(tmp_path, monkeypatch):
-  """Real SYNTHIA has pixels at raw depth 0 (inverse depth 65,536, float16's inf): they reach
-  the EM as 65,536 and the class's GMM has a finite component there, as the original's."""
+def test_raw_depth_zero_reaches_the_em_as_inverse_depth_65536(tmp_path):
+  """Real SYNTHIA has pixels at raw depth 0: inverse depth 65,536, float16's infinity. The
+  scanned grid (and its cache in fit_gmm/, read back on a rerun) keeps them as 65,536, and so do
+  the EM's points (test_gmm.py fits a component there)."""
   w, h = 160, 96  # the toy's input size: a 13x21 grid
   ids = np.full((h, w), ROAD, np.uint8)
   ids[40:, 40:120] = CAR
@@ -43,19 +44,37 @@ def test_raw_depth_zero_gives_inverse_depth_65536_and_finite_gmms(tmp_path, monk
   raw[40:, 80:120] = 700
   _write_synthia(str(tmp_path / 'synthia'), [ids, ids[:, ::-1]], [raw, raw[:, ::-1]])
   config = _config(str(tmp_path), (w, h))
-
-  classes, depths, counts = fit_gmm.collect_grid(config)
   car = labels.label_map('synthia', config.data.num_classes)[CAR]
-  assert depths.dtype == np.float32 and np.isfinite(depths).all()
-  z = depths[classes == car]
-  assert z.max() == 65536.0 and np.isin(z, np.float32([65536, 65536 / 701])).all()
 
-  config.gmm.max_iters = 3
-  monkeypatch.setattr(fit_gmm, 'collect_grid', lambda _: (classes, depths, counts))
-  fit_gmm.run(config, str(tmp_path / 'work'))
-  params = fit_gmm.load_params(str(tmp_path / 'work'))
-  for x in (params.weights, params.means, params.variances):
-    assert np.isfinite(np.asarray(x)).all()
-  means, weights = np.asarray(params.means[car]), np.asarray(params.weights[car])
-  near = np.abs(means[:, 2] - 65536.0) < 1.0
-  assert near.any() and weights[near].sum() > 0.3
+  workdir = str(tmp_path / 'work')
+  scanned = fit_gmm.cached_grid(config, workdir)
+  cached = fit_gmm.cached_grid(config, workdir)  # read back from fit_gmm/grid.*.npz
+  for classes, depths, _ in (scanned, cached):
+    assert depths.dtype == np.float32 and np.isfinite(depths).all()
+    z = depths[classes == car]
+    assert z.max() == 65536.0 and np.isin(z, np.float32([65536, 65536 / 701])).all()
+    points, mask = fit_gmm._points(classes, depths, config.data.num_classes)
+    assert np.isfinite(points).all() and (points[car, mask[car], 2] == 65536.0).sum() > 0
+    init, init_mask = fit_gmm.init_sample(classes, depths, config.data.num_classes, 0, 0, 100)
+    assert np.isfinite(init).all() and (init[car, init_mask[car], 2] == 65536.0).any()
+
+
+def test_grid_points_come_straight_from_the_files_by_pil_nearest(tmp_path):
+  """The points come from the 1280x760 files resized straight to the grid by PIL's NEAREST (the
+  labels as 8-bit, the inverse depth as a float image), as the original's density maps: also
+  for a 640x320 input, whose 41x81 grid is not taken from the input-size maps."""
+  rng = np.random.default_rng(0)
+  ids = rng.choice([ROAD, CAR, 1, 2, 0], (760, 1280)).astype(np.uint8)  # 0: void, ignored
+  raw = rng.integers(0, 3000, (760, 1280)).astype(np.uint16)
+  raw[rng.random(raw.shape) < 0.1] = 0
+  _write_synthia(str(tmp_path / 'synthia'), [ids], [raw])
+  config = _config(str(tmp_path), (640, 320))
+
+  classes, depths, _ = fit_gmm.collect_grid(config)
+  table = labels.label_map('synthia', config.data.num_classes)
+  inverse = np.float32(65536) / (raw.astype(np.float32) + 1)
+  grid = lambda image: np.asarray(image.resize((81, 41), Image.NEAREST))
+  np.testing.assert_array_equal(classes[0], table[grid(Image.fromarray(ids))])
+  np.testing.assert_array_equal(depths[0], grid(Image.fromarray(inverse)))
+  torch_rule = inverse[np.arange(41) * 760 // 41][:, np.arange(81) * 1280 // 81]
+  assert (depths[0] != torch_rule).mean() > 0.5  # the test tells the two rules apart

@@ -232,6 +232,24 @@ def test_degenerate_and_empty_classes():
   assert np.isfinite(float(info['mean_log_likelihood']))
 
 
+def test_component_at_inverse_depth_65536():
+  """SYNTHIA's raw depth 0 gives inverse depth 65,536: the original's GMMs of pole, sign,
+  vegetation, person, car and bus have a component there with variance 1e-6. float32 EM finds
+  it beside ordinary depths, finite, at exactly 65,536 with the variance floor."""
+  rng = np.random.default_rng(9)
+  n = 3000
+  near = rng.random(n) < 0.3
+  points = np.stack([rng.uniform(0, 161, n), rng.uniform(0, 96, n),
+                     np.where(near, 65536.0, rng.normal(100, 20, n))], -1)[None].astype(np.float32)
+  params = gmm.fit(points, np.ones((1, n), bool), num_components=3, var_floor=1e-6)
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(params))
+  means, variances = np.asarray(params.means)[0], np.asarray(params.variances)[0]
+  (k,) = np.flatnonzero(means[:, 2] > 1000)
+  assert means[k, 2] == 65536.0
+  np.testing.assert_allclose(variances[k, 2], 1e-6, rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(params.weights)[0, k], near.mean(), rtol=1e-4)
+
+
 def test_fit_rejects_empty_point_axis():
   with pytest.raises(ValueError, match='N > 0'):
     gmm.fit(np.zeros((2, 0, 3), np.float32), np.zeros((2, 0), bool))

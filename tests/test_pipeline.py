@@ -18,6 +18,7 @@ from depthuda.data import synthia
 from depthuda.errors import InputError
 
 SOURCE_SIZE = (64, 38)  # = input size, so source images are not resampled
+GRID = (7, 11)  # (h, w) of the label and depth grids (any size will do for the pipeline)
 
 
 def _config(root, **data):
@@ -46,16 +47,21 @@ def _take(stream, n):
 
 
 def _source_reference(config):
-  """NumPy reference of every source example: BGR mean-subtracted image, classes, inverse depth."""
+  """NumPy reference of every source example: BGR mean-subtracted image, classes, inverse depth,
+  and classes and inverse depth on the GRID, resized from the files by PIL's NEAREST (the
+  inverse depth as a float image, as the original)."""
   root, table = config.data.source_dir, labels.label_map('synthia', 16)
   refs = []
+  on_grid = lambda image: np.asarray(image.resize(GRID[::-1], Image.NEAREST))
+  inverse = lambda raw: np.float32(65536) / (raw.astype(np.float32) + 1)
   for name in sorted(os.listdir(os.path.join(root, 'RGB'))):
     rgb = np.asarray(Image.open(os.path.join(root, 'RGB', name)), np.float32)
-    ids = np.asarray(Image.open(os.path.join(root, 'parsed_LABELS', name)))
-    raw = np.asarray(Image.open(os.path.join(root, 'Depth', name))).astype(np.float32)
+    ids = Image.open(os.path.join(root, 'parsed_LABELS', name))
+    depth = inverse(np.asarray(Image.open(os.path.join(root, 'Depth', name))))
     refs.append((rgb[..., ::-1] - np.array([104.00698793, 116.66876762, 122.67891434],
                                            np.float32),
-                 table[ids].astype(np.int32), 65536 / (raw + 1)))
+                 table[np.asarray(ids)].astype(np.int32), depth,
+                 table[on_grid(ids)].astype(np.int32), on_grid(Image.fromarray(depth))))
   return refs
 
 
@@ -89,15 +95,20 @@ def test_changed_toy_settings_regenerate_and_rebuild(tmp_path):
 def test_source_batches_match_numpy(config):
   refs = _source_reference(config)
   seen = []
-  for batch in _take(pipeline.source_train(config), 3):  # one epoch: 6 images, batch 2
+  for batch in _take(pipeline.source_train(config, GRID), 3):  # one epoch: 6 images, batch 2
     assert batch['image'].shape == (2, 38, 64, 3) and batch['image'].dtype == np.float32
     assert batch['label'].shape == (2, 38, 64) and batch['label'].dtype == np.int32
     assert batch['depth'].shape == (2, 38, 64) and batch['depth'].dtype == np.float32
-    for image, label, depth in zip(batch['image'], batch['label'], batch['depth']):
-      match = [i for i, ref in enumerate(refs) if np.array_equal(image, ref[0])]
+    assert batch['label_grid'].shape == (2, *GRID) and batch['label_grid'].dtype == np.int32
+    assert batch['depth_grid'].shape == (2, *GRID) and batch['depth_grid'].dtype == np.float32
+    for i, image in enumerate(batch['image']):
+      match = [k for k, ref in enumerate(refs) if np.array_equal(image, ref[0])]
       assert len(match) == 1  # exact BGR mean subtraction
-      np.testing.assert_array_equal(label, refs[match[0]][1])  # label map applied
-      np.testing.assert_array_equal(depth, refs[match[0]][2])  # inverse depth
+      ref = refs[match[0]]
+      np.testing.assert_array_equal(batch['label'][i], ref[1])  # label map applied
+      np.testing.assert_array_equal(batch['depth'][i], ref[2])  # inverse depth
+      np.testing.assert_array_equal(batch['label_grid'][i], ref[3])
+      np.testing.assert_array_equal(batch['depth_grid'][i], ref[4])
       seen.append(match[0])
   assert sorted(seen) == list(range(6))  # each image once per epoch
 
@@ -107,9 +118,9 @@ def test_resume_equals_the_tail(config, cache_decoded):
   c = config.copy_and_resolve_references()
   c.data.cache_decoded = cache_decoded
   c.data.shuffle_buffer = 4  # smaller than the data: the buffered shuffle matters
-  full = _take(pipeline.source_train(c), 8)  # epochs of 3 steps
+  full = _take(pipeline.source_train(c, GRID), 8)  # epochs of 3 steps
   for start in (2, 4):
-    resumed = _take(pipeline.source_train(c, start_step=start), 8 - start)
+    resumed = _take(pipeline.source_train(c, GRID, start_step=start), 8 - start)
     for a, b in zip(full[start:], resumed):
       for key in a:
         np.testing.assert_array_equal(a[key], b[key])
@@ -141,12 +152,36 @@ def test_target_streams(config):
 
 
 def test_source_grid_points(config):
-  batches = list(pipeline.source_grid_points(config, batch_size=4))
+  batches = list(pipeline.source_grid_points(config, GRID, batch_size=4))
   assert [b['label'].shape for b in batches] == [(4, 38, 64), (2, 38, 64)]
   refs = _source_reference(config)
   depths = np.concatenate([b['depth'] for b in batches])
   assert sorted(int(np.argmin([np.abs(d - r[2]).max() for r in refs])) for d in depths) == list(
       range(6))
+
+
+@pytest.mark.parametrize('in_hw, out_hw', [((760, 1280), (96, 161)), ((760, 1280), (41, 81)),
+                                           ((320, 640), (41, 81)), ((13, 17), (5, 40)),
+                                           ((3, 6), (141, 148)), ((2, 2), (7, 83))])
+def test_resize_nearest_pil_matches_pil(in_hw, out_hw):
+  """The grid rule is PIL's NEAREST on 8-bit ('L') and float ('F') images, the original's label
+  and inverse-depth maps: floor((i + 1/2) in / out) as PIL accumulates it; not torch's
+  floor(i in / out), which differs at most of these sizes."""
+  rng = np.random.default_rng(0)
+  labels_u8 = rng.integers(0, 256, in_hw).astype(np.uint8)
+  inverse_depth = 65536 / (rng.integers(0, 65536, in_hw).astype(np.float32) + 1)
+  for array in (labels_u8, inverse_depth):
+    expected = np.asarray(Image.fromarray(array).resize(out_hw[::-1], Image.NEAREST))
+    got = decoding.resize_nearest_pil(tf.constant(array[..., None]), out_hw)
+    np.testing.assert_array_equal(got.numpy()[..., 0], expected)
+  for n, m in zip(in_hw, out_hw):
+    expected = np.asarray(Image.fromarray(np.arange(n, dtype=np.int32)[None]).resize(
+        (m, 1), Image.NEAREST))[0]
+    np.testing.assert_array_equal(decoding.pil_nearest_indices(n, m), expected)
+  torch_rule = lambda n, m: np.floor(np.arange(m) * n / m).astype(np.int64)
+  if in_hw == (760, 1280):
+    assert all((decoding.pil_nearest_indices(n, m) != torch_rule(n, m)).all()
+               for n, m in zip(in_hw, out_hw))
 
 
 def test_process_shards_partition_the_data(config, monkeypatch):
@@ -155,7 +190,7 @@ def test_process_shards_partition_the_data(config, monkeypatch):
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
     names[index] = [e['name'] for e in pipeline.target_val(config)]
-    (batch,) = _take(pipeline.source_train(config), 1)
+    (batch,) = _take(pipeline.source_train(config, GRID), 1)
     assert batch['image'].shape[0] == 1  # batch_size 2 over 2 processes
   assert not set(names[0]) & set(names[1]) and len(names[0]) + len(names[1]) == 3
 
@@ -183,7 +218,7 @@ def test_missing_inputs_name_the_culprit(tmp_path):
   c = _config(str(tmp_path), toy=False)
   with pytest.raises(InputError, match=r'^SYNTHIA: RGB/, parsed_LABELS/, Depth/ not found in '
                                        r'data.source_dir=/.*synthia-dataset.net[^\n]*$'):
-    next(pipeline.source_train(c))
+    next(pipeline.source_train(c, GRID))
   with pytest.raises(InputError, match=r'^Cityscapes: leftImg8bit_trainvaltest.zip and '
                                        r'gtFine_trainvaltest.zip not found in data.target_dir=/'
                                        r'.*cityscapes-dataset.com[^\n]*$'):

@@ -26,6 +26,7 @@ def test_bfloat16_compute_keeps_state_and_losses_float32():
   # SYNTHIA's raw depth 0 (inverse depth 65,536) and a value bfloat16 cannot hold: the depth
   # target and its losses are float32 whatever the compute dtype.
   batch['source']['depth'][0, 5, :4] = (65536.0, 64270.0, 65536.0, 64270.0)
+  batch['source']['depth_grid'][0, 1, :2] = (65536.0, 64270.0)
   batch = train.shard_batch(batch, mesh)
   # The convolutions really run in bfloat16.
   hlo = step.lower(state, batch, params).as_text()

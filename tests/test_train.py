@@ -34,17 +34,26 @@ def _gmm_params():
       variances=jnp.asarray(rng.uniform([2, 2, 20], [6, 6, 200], (C, k, 3)), jnp.float32))
 
 
+def _on_grid(x, grid):
+  """x [b, H, W] sampled at the grid (h, w) by the PIL rule, floor((i + 1/2) * in / out)."""
+  rows, cols = (np.floor((np.arange(m) + 0.5) * n / m).astype(int)
+                for n, m in zip(x.shape[1:], grid))
+  return x[:, rows][:, :, cols]
+
+
 def _batches(num, batch, config, seed=0):
   rng = np.random.default_rng(seed)
   w, h = config.data.input_size
+  grid = train.feature_grid(config)
   out = []
   for _ in range(num):
     label = rng.integers(0, C, (batch, h, w)).astype(np.int32)
     label[:, :3] = 255
+    depth = rng.uniform(1, 60, (batch, h, w)).astype(np.float32)
     out.append({
         'source': {'image': rng.normal(0, 50, (batch, h, w, 3)).astype(np.float32),
-                   'label': label,
-                   'depth': rng.uniform(1, 60, (batch, h, w)).astype(np.float32)},
+                   'label': label, 'depth': depth, 'label_grid': _on_grid(label, grid),
+                   'depth_grid': _on_grid(depth, grid)},
         'target': {'image': rng.normal(10, 40, (batch, h, w, 3)).astype(np.float32)}})
   return out
 

@@ -3,6 +3,8 @@
 Images: resized to (W, H) `size` (bicubic with antialiasing, rounded to 8 bits as PIL's resize
 in the original), RGB -> BGR, mean-subtracted. Labels and depth: resized nearest; labels mapped
 through a [256] class table (255 = ignore); SYNTHIA depth becomes inverse depth 65536 / (raw + 1).
+SYNTHIA labels and depth also go to the feature grid straight from the files' own resolution,
+by PIL's nearest rule, as the original builds its density maps (`decode_source_maps`).
 Mapillary images keep their aspect ratio and are padded (`decode_padded_image`).
 """
 
@@ -101,8 +103,53 @@ def mask_padding(label: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
   return tf.where(rows & cols, label, labels.IGNORE_LABEL)
 
 
+def _inverse_depth(raw: tf.Tensor) -> tf.Tensor:
+  """uint16 [H, W, 1] raw SYNTHIA depth -> float32 [H, W] 65536 / (raw + 1); raw 0 gives 65,536."""
+  return 65536.0 / (tf.cast(raw[..., 0], tf.float32) + 1.0)
+
+
 def decode_inverse_depth(png: tf.Tensor, size) -> tf.Tensor:
   """SYNTHIA 16-bit depth PNG -> float32 [H, W] inverse depth 65536 / (raw + 1)."""
-  raw = tf.image.resize(tf.io.decode_png(png, channels=1, dtype=tf.uint16), hw(size),
-                        method='nearest')
-  return 65536.0 / (tf.cast(raw[..., 0], tf.float32) + 1.0)
+  return _inverse_depth(tf.image.resize(tf.io.decode_png(png, channels=1, dtype=tf.uint16),
+                                        hw(size), method='nearest'))
+
+
+def pil_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source index [out_size] of every output index under PIL's `Image.resize(..., NEAREST)`.
+
+  The PIL rule: output i reads input floor((i + 1/2) s), s = in / out (the input pixel under the
+  output cell's centre), with the positions accumulated in float64 as PIL accumulates them
+  (s / 2, then + s per step), so that exact integers land where PIL's do. The torch (and
+  OpenCV) rule, floor(i s), reads about half a cell earlier.
+  """
+  steps = np.full(out_size, in_size / out_size, np.float64)
+  steps[0] /= 2
+  return np.add.accumulate(steps).astype(np.int64)
+
+
+def resize_nearest_pil(image: tf.Tensor, height_width: tuple[int, int]) -> tf.Tensor:
+  """[H, W, C] (any size, any dtype) -> [h, w, C] by PIL's nearest rule (`pil_nearest_indices`)."""
+  def take(x, axis, out_size):
+    indices = tf.numpy_function(lambda n: pil_nearest_indices(int(n), out_size),
+                                [tf.shape(x)[axis]], tf.int64, stateful=False)
+    return tf.gather(x, tf.ensure_shape(indices, (out_size,)), axis=axis)
+  return take(take(image, 0, height_width[0]), 1, height_width[1])
+
+
+def decode_source_maps(label_png: tf.Tensor, depth_png: tf.Tensor, size,
+                       grid_hw: tuple[int, int], table: np.ndarray) -> dict[str, tf.Tensor]:
+  """A SYNTHIA example's label and depth PNGs, each decoded once, at two resolutions.
+
+  Returns {'label': i32 [H, W], 'depth': f32 [H, W]} at (W, H) `size`, as `decode_label` and
+  `decode_inverse_depth`, and {'label_grid': i32 [h, w], 'depth_grid': f32 [h, w]} on the
+  feature grid `grid_hw`: resized straight from the files' own resolution by PIL's nearest rule,
+  as the original makes the grids its density maps and GMMs come from (METHOD §4), not from the
+  input-size maps (the two differ when the input is smaller than the files, e.g. 640x320).
+  """
+  label = tf.io.decode_png(label_png, channels=1)
+  raw = tf.io.decode_png(depth_png, channels=1, dtype=tf.uint16)
+  classes = lambda x: tf.gather(tf.constant(table, tf.int32), tf.cast(x[..., 0], tf.int32))
+  resize = lambda x: tf.image.resize(x, hw(size), method='nearest')
+  return {'label': classes(resize(label)), 'depth': _inverse_depth(resize(raw)),
+          'label_grid': classes(resize_nearest_pil(label, grid_hw)),
+          'depth_grid': _inverse_depth(resize_nearest_pil(raw, grid_hw))}

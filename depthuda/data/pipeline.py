@@ -294,17 +294,24 @@ def _train_stream(config: ml_collections.ConfigDict, examples: _Examples, decode
                        functools.partial(_example_file, config, finish_dir=finish_dir))
 
 
-def source_train(config: ml_collections.ConfigDict, *, start_step: int = 0
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def _source_maps(config: ml_collections.ConfigDict, grid_hw: tuple[int, int]) -> Callable:
+  """example -> its label and depth at input size and on the grid (`decode_source_maps`)."""
+  size, table = config.data.input_size, labels.label_map('synthia', config.data.num_classes)
+  return lambda ex: decoding.decode_source_maps(ex['label'], ex['depth'], size, tuple(grid_hw),
+                                                table)
+
+
+def source_train(config: ml_collections.ConfigDict, grid_hw: tuple[int, int], *,
+                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Endless source batches from `start_step` on.
 
-  Yields {'image': f32 [b, H, W, 3], 'label': i32 [b, H, W] (classes, 255
-  ignore), 'depth': f32 [b, H, W] inverse depth}.
+  Yields {'image': f32 [b, H, W, 3], 'label': i32 [b, H, W] (classes, 255 ignore),
+  'depth': f32 [b, H, W] inverse depth, 'label_grid': i32 [b, h, w], 'depth_grid': f32 [b, h, w]}
+  with (h, w) = `grid_hw`, the segmenter's feature grid (`decoding.decode_source_maps`).
   """
-  size, table = config.data.input_size, labels.label_map('synthia', config.data.num_classes)
-  decode = lambda ex: {'image': decoding.decode_image(ex['image'], size),
-                       'label': decoding.decode_label(ex['label'], size, table),
-                       'depth': decoding.decode_inverse_depth(ex['depth'], size)}
+  maps = _source_maps(config, grid_hw)
+  decode = lambda ex: {'image': decoding.decode_image(ex['image'], config.data.input_size),
+                       **maps(ex)}
   examples = _tfds_examples(_source_builder(config), 'train', drop_remainder=True)
   return _train_stream(config, examples, decode, _SOURCE, start_step)
 
@@ -384,16 +391,14 @@ def target_val(config: ml_collections.ConfigDict) -> Iterator[dict]:
   return _one_pass(config, target.examples('validation', False).read(None), decode, 1)
 
 
-def source_grid_points(config: ml_collections.ConfigDict, *, batch_size: int | None = None
-                       ) -> Iterator[dict[str, np.ndarray]]:
+def source_grid_points(config: ml_collections.ConfigDict, grid_hw: tuple[int, int], *,
+                       batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's share of the source, in a fixed order.
 
-  Yields {'label': i32 [b, H, W] classes, 'depth': f32 [b, H, W] inverse
-  depth} at input size; b = `batch_size` (default: the per-process batch),
-  smaller for the last batch. Images are not decoded.
+  Yields the label and depth maps of `source_train` ('label', 'depth' at input size,
+  'label_grid', 'depth_grid' on the (h, w) = `grid_hw` grid); b = `batch_size` (default: the
+  per-process batch), smaller for the last batch. Images are not decoded.
   """
-  size, table = config.data.input_size, labels.label_map('synthia', config.data.num_classes)
-  decode = lambda ex: {'label': decoding.decode_label(ex['label'], size, table),
-                       'depth': decoding.decode_inverse_depth(ex['depth'], size)}
+  decode = _source_maps(config, grid_hw)
   ds = _read(_source_builder(config), _shard('train', drop_remainder=False))
   return _one_pass(config, ds, decode, batch_size or _batch_per_process(config))

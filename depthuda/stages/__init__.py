@@ -13,6 +13,7 @@ import ml_collections
 
 from depthuda import checkpointing
 from depthuda import reporting
+from depthuda import train
 from depthuda.data import pipeline
 from depthuda.stages import evaluation
 from depthuda.stages import fit_gmm
@@ -23,7 +24,7 @@ STAGES = ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval')
 
 
 def _adapt_batches(config, start):
-  source = pipeline.source_train(config, start_step=start)
+  source = pipeline.source_train(config, train.feature_grid(config), start_step=start)
   target = pipeline.target_train(config, start_step=start)
   for src, tgt in zip(source, target):
     yield {'source': src, 'target': tgt}

@@ -1,11 +1,13 @@
 """The `fit_gmm` stage: per-class depth-distribution GMMs on the source set (METHOD §4).
 
-Every source label map and inverse-depth map is nearest-resized to the feature grid; each cell
-of class c gives a point (x = column, y = row, z = inverse depth). The grid is kept compactly
-(uint8 class, float32 depth per cell) and EM streams it in chunks, so the points of the whole
-source set never exist as one array. float32, not float16: SYNTHIA's raw depth 0 is inverse
-depth 65,536, float16's infinity, and the original's GMMs have components there. The result, `fit_gmm/gmm.json`, is human-readable and also
-holds the per-class source pixel counts that set the pseudo-label region sizes (METHOD §6).
+Every source label map and inverse-depth map goes to the feature grid straight from its file's
+resolution by PIL's nearest rule, as the original's (`decoding.decode_source_maps`); the pixel
+counts are taken at input size. Each cell of class c gives a point (x = column, y = row,
+z = inverse depth). The grid is kept compactly (uint8 class, float32 depth per cell) and EM
+streams it in chunks, so the points of the whole source set never exist as one array. float32,
+not float16: SYNTHIA's raw depth 0 is inverse depth 65,536, float16's infinity, and the
+original's GMMs have components there. The result, `fit_gmm/gmm.json`, is human-readable and
+also holds the per-class source pixel counts that set the pseudo-label region sizes (METHOD §6).
 
 The scanned grid is kept in `fit_gmm/grid.*.npz` and the EM state after every iteration in
 `fit_gmm/em_state.npz` until the GMMs are written: a run cut off during EM reads neither the
@@ -26,7 +28,6 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from depthuda import density
 from depthuda import gmm
 from depthuda import gmm_streaming
 from depthuda import reporting
@@ -36,30 +37,22 @@ from depthuda.data import pipeline
 
 _CHUNK_IMAGES = 64
 _INIT_POINTS_PER_CLASS = 20_000
-
-
-def grid_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(h, w) of the feature grid for the configured input size."""
-  seg, _ = train.build_models(config, axis_name=None)
-  w, h = config.data.input_size
-  out = jax.eval_shape(lambda: seg.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
-                                                    train=False)[0])
-  return tuple(out[0].shape[1:3])
+# How the grid is made, in the keys of the saved grid and EM state: a grid scanned another way
+# (the torch rule from input-size maps, float16 depth, as earlier versions did) is not reused.
+_GRID_FORMAT = 'PIL nearest from the files; float32 depth'
 
 
 def collect_grid(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """This process's source shard on the grid: classes [n,h,w] u8, depth [n,h,w] f32, counts [C]."""
   num_classes = config.data.num_classes
-  grid = grid_size(config)
   classes, depths = [], []
   counts = np.zeros(num_classes, np.int64)
-  resize = jax.jit(lambda x: density.nearest_resize(x, grid))
-  for batch in reporting.progress(pipeline.source_grid_points(config), desc='fit_gmm: scan',
-                                  unit='batch'):
+  for batch in reporting.progress(pipeline.source_grid_points(config, train.feature_grid(config)),
+                                  desc='fit_gmm: scan', unit='batch'):
     label = batch['label']
     counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)
-    classes.append(np.asarray(resize(label)).astype(np.uint8))
-    depths.append(np.asarray(resize(batch['depth'])).astype(np.float32))
+    classes.append(batch['label_grid'].astype(np.uint8))
+    depths.append(batch['depth_grid'].astype(np.float32))
   return np.concatenate(classes), np.concatenate(depths), counts
 
 
@@ -99,9 +92,9 @@ def cached_grid(config: ml_collections.ConfigDict, workdir: str
   """`collect_grid`, kept in fit_gmm/ (atomically) and reused while it matches the config."""
   path = _grid_cache(workdir)
   key = json.dumps({'source_dir': os.path.abspath(config.data.source_dir),
-                    'input_size': list(config.data.input_size),
+                    'grid_format': _GRID_FORMAT, 'input_size': list(config.data.input_size),
                     'num_classes': config.data.num_classes,
-                    'grid_size_hw': list(grid_size(config))}, sort_keys=True)
+                    'grid_size_hw': list(train.feature_grid(config))}, sort_keys=True)
   cache = _load_keyed(path, key)
   if cache is not None:
     return cache['classes'], cache['depths'], cache['counts']
@@ -206,7 +199,8 @@ def _em_key(config: ml_collections.ConfigDict, counts: np.ndarray) -> str:
   """What an EM state depends on: a saved state with another key is not resumed."""
   g = config.gmm
   return json.dumps({'source_dir': os.path.abspath(config.data.source_dir),
-                     'input_size': list(config.data.input_size), 'seed': config.seed,
+                     'grid_format': _GRID_FORMAT, 'input_size': list(config.data.input_size),
+                     'seed': config.seed,
                      'num_classes': config.data.num_classes, 'num_components': g.num_components,
                      'tol': g.tol, 'var_floor': g.var_floor,
                      'pixel_counts': np.asarray(counts).tolist()}, sort_keys=True)
@@ -267,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   record = {
       'num_components': g.num_components,
       'coordinates': ['x (grid column)', 'y (grid row)', 'z (inverse depth)'],
-      'grid_size_hw': list(grid_size(config)),
+      'grid_size_hw': list(train.feature_grid(config)),
       'classes': {
           name: {'pixel_count': int(counts[c]), 'num_points': int(num_points[c]),
                  'weights': np.asarray(params.weights[c]).tolist(),
@@ -328,7 +322,7 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
   shapes = {'weights': (k,), 'means': (k, 3), 'variances': (k, 3)}
   try:
     if (list(record['classes']) != list(label_lib.class_names(config.data.num_classes))
-        or record['num_components'] != k or record['grid_size_hw'] != list(grid_size(config))):
+        or record['num_components'] != k or record['grid_size_hw'] != list(train.feature_grid(config))):
       return False
     for c in record['classes'].values():
       for key, shape in shapes.items():
