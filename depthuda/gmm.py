@@ -25,6 +25,7 @@ streamed through every iteration (the fit_gmm stage's path).
 from __future__ import annotations
 
 import functools
+import math
 
 import flax
 import jax
@@ -195,24 +196,59 @@ def _fit_frame(points: jax.Array, mask: jax.Array) -> _Frame:
   return _Frame(offset=offset, scale=jnp.where(var > 0, jnp.sqrt(var), 1.0))
 
 
-def _kmeans_plusplus(key, offset, scale, x, mask, num_components: int):
-  """k-means++ seeds of one class among its masked points (standardised): -> [K, D]."""
-  x = jnp.where(mask[:, None], (x - offset) / scale, 0.0)
+def _draw(key, weights, num: int):
+  """num indices drawn with probabilities proportional to weights [N] >= 0 (inverse CDF: a
+  categorical draw would need N random numbers per index)."""
+  cdf = jnp.cumsum(weights)
+  indices = jnp.searchsorted(cdf, jax.random.uniform(key, (num,)) * cdf[-1], side='right')
+  return jnp.minimum(indices, weights.shape[0] - 1)
+
+
+def _kmeans_plusplus(key, x, mask, num_components: int):
+  """Greedy k-means++ seeds of one class among its masked standardised points x [D, N]: -> [K, D].
+
+  Each new seed is the best of 2 + log(K) candidates drawn by D^2 sampling, the one that lowers
+  the k-means cost most (sklearn's k-means++): single draws often put two seeds in one cluster
+  and none in a small, tight one, which Lloyd's iterations then cannot undo.
+  """
+  x = jnp.where(mask, x, 0.0)
+  num_trials = 2 + int(math.log(num_components))
   keys = jax.random.split(key, num_components)
-  uniform = jnp.where(mask, 0.0, -jnp.inf)
+  uniform = mask.astype(jnp.float32)
+
+  def dist2_to(points):  # [T, D] -> [T, N]
+    return jnp.where(mask, sum((x[d] - points[:, d, None]) ** 2 for d in range(x.shape[0])), 0.0)
 
   def add_center(k, carry):
     centers, dist2 = carry
     # D^2 sampling; with every point on a chosen seed already, fall back to uniform.
-    logits = jnp.where(jnp.any(dist2 > 0), jnp.log(dist2), uniform)
-    center = x[jax.random.categorical(keys[k], logits)]
-    new_dist2 = jnp.where(mask, jnp.sum((x - center) ** 2, axis=-1), 0.0)
-    return centers.at[k].set(center), jnp.minimum(dist2, new_dist2)
+    weights = jnp.where(jnp.any(dist2 > 0), dist2, uniform)
+    candidates = x[:, _draw(keys[k], weights, num_trials)].T
+    trial_dist2 = jnp.minimum(dist2, dist2_to(candidates))
+    best = jnp.argmin(jnp.sum(trial_dist2, axis=-1))
+    return centers.at[k].set(candidates[best]), trial_dist2[best]
 
-  first = x[jax.random.categorical(keys[0], uniform)]
-  centers = jnp.zeros((num_components, x.shape[-1])).at[0].set(first)
-  dist2 = jnp.where(mask, jnp.sum((x - first) ** 2, axis=-1), 0.0)
-  return lax.fori_loop(1, num_components, add_center, (centers, dist2))[0]
+  first = x[:, _draw(keys[0], uniform, 1)].T
+  centers = jnp.zeros((num_components, x.shape[0])).at[0].set(first[0])
+  return lax.fori_loop(1, num_components, add_center, (centers, dist2_to(first)[0]))[0]
+
+
+def _sample(key, points, mask, size: int):
+  """Up to `size` masked points per class, evenly spread over the class's points from a random
+  start: points [C, N, D], mask [C, N] -> [C, size, D], [C, size] (all points when N <= size)."""
+  if points.shape[1] <= size:
+    return points, mask
+  counts = jnp.sum(mask, axis=1)
+  start = jax.random.uniform(key, counts.shape)
+  step = jnp.maximum(counts / size, 1.0)[:, None]
+  ranks = jnp.minimum(jnp.floor((jnp.arange(size) + start[:, None]) * step).astype(jnp.int32),
+                      counts[:, None] - 1)
+  # The position of each class's (rank + 1)-th masked point.
+  positions = jax.vmap(jnp.searchsorted)(jnp.cumsum(mask, axis=1), ranks + 1)
+  positions = jnp.minimum(positions, points.shape[1] - 1)
+  valid = jnp.arange(size) < counts[:, None]
+  sample = jnp.take_along_axis(points, positions[..., None], axis=1)
+  return jnp.where(valid[..., None], sample, 0.0), valid
 
 
 def _to_chunks(points, mask, chunk_size: int):
@@ -249,24 +285,48 @@ def _sum_chunks(class_fn, frame: _Frame, class_params, chunks) -> SufficientStat
   return lax.fori_loop(0, num_chunks, add_chunk, (zeros, first))[0]
 
 
-@functools.partial(jax.jit, static_argnames=('num_components', 'chunk_size'))
-def _initialise(points, mask, seed, var_floor, kmeans_iters, *, num_components, chunk_size):
-  """Frame, var floor [C, 1, D] in it, initial params (k-means++, Lloyd, hard-assignment M-step)."""
+@functools.partial(jax.jit,
+                   static_argnames=('num_components', 'num_inits', 'sample_size', 'chunk_size'))
+def _initialise(points, mask, seed, var_floor, kmeans_iters, *, num_components, num_inits,
+                sample_size, chunk_size):
+  """Frame, var floor [C, 1, D] in it and initial params, the best of `num_inits` starts.
+
+  Each start runs k-means (greedy k-means++ seeds, Lloyd until the centers stop moving or after
+  kmeans_iters) on a sample of each class, in the standardised frame; its hard-assignment GMM
+  that gives the sample the highest likelihood is kept.
+  """
+  num_classes = points.shape[0]
   frame = _fit_frame(points, mask)
   floor = var_floor / frame.scale[:, None, :] ** 2
-  keys = jax.random.split(jax.random.key(seed), points.shape[0])
-  centers = jax.vmap(_kmeans_plusplus, in_axes=(0, 0, 0, 0, 0, None))(
-      keys, frame.offset, frame.scale, points, mask, num_components)
-  chunks = _to_chunks(points, mask, chunk_size)
+  sample_key, seed_key = jax.random.split(jax.random.key(seed))
+  sample, sample_mask = _sample(sample_key, points, mask, sample_size)
+  # Every start is a class of its own: [num_inits * C, ...], start-major.
+  tile = lambda a: jnp.tile(a, (num_inits,) + (1,) * (a.ndim - 1))
+  frames, floors = jax.tree.map(tile, frame), tile(floor)
+  sample, sample_mask = tile(sample), tile(sample_mask)
+  standardised = (sample - frames.offset[:, None]) / frames.scale[:, None]
+  keys = jax.random.split(seed_key, num_inits * num_classes)
+  centers = jax.vmap(_kmeans_plusplus, in_axes=(0, 0, 0, None))(
+      keys, jnp.swapaxes(standardised, -1, -2), sample_mask, num_components)
+  chunks = _to_chunks(sample, sample_mask, chunk_size)
 
-  def lloyd(_, centers):
-    stats = _sum_chunks(_class_assign_stats, frame, centers, chunks)
+  def lloyd(carry):
+    centers, _, step = carry
+    stats = _sum_chunks(_class_assign_stats, frames, centers, chunks)
     # An emptied cluster keeps its seed.
-    return jnp.where(stats.resp_sums[..., None] > 0, m_step(stats, 0.0).means, centers)
+    moved = jnp.where(stats.resp_sums[..., None] > 0, m_step(stats, 0.0).means, centers)
+    return moved, jnp.max(jnp.sum((moved - centers) ** 2, axis=(-2, -1))), step + 1
 
-  centers = lax.fori_loop(0, kmeans_iters, lloyd, centers)
-  stats = _sum_chunks(_class_assign_stats, frame, centers, chunks)
-  return frame, floor, m_step(stats, floor)
+  # sklearn's k-means tolerance: 1e-4 times the mean variance of the (here standardised) data.
+  centers = lax.while_loop(lambda carry: (carry[2] < kmeans_iters) & (carry[1] > 1e-4), lloyd,
+                           (centers, jnp.inf, 0))[0]
+  params = m_step(_sum_chunks(_class_assign_stats, frames, centers, chunks), floors)
+  loglik = _sum_chunks(_class_stats, frames, params, chunks).loglik
+  best = jnp.argmax(loglik.reshape(num_inits, num_classes), axis=0)
+  params = jax.tree.map(
+      lambda a: a.reshape((num_inits, num_classes) + a.shape[1:])[best, jnp.arange(num_classes)],
+      params)
+  return frame, floor, params
 
 
 def _select(pick_new, new: GMMParams, old: GMMParams) -> GMMParams:
@@ -296,10 +356,12 @@ def _info(num_iters, converged, mean_loglik, counts, frame: _Frame) -> dict:
           'mean_log_likelihood': total / jnp.maximum(jnp.sum(counts), 1)}
 
 
-@functools.partial(jax.jit, static_argnames=('num_components', 'chunk_size', 'return_info'))
+@functools.partial(jax.jit, static_argnames=('num_components', 'num_inits', 'sample_size',
+                                             'chunk_size', 'return_info'))
 def fit(points: jax.Array, mask: jax.Array, num_components: int = 5, seed: int = 0,
         max_iters: int = 100, tol: float = 1e-3, var_floor: float = 1e-6, *,
-        kmeans_iters: int = 10, chunk_size: int = 8192, return_info: bool = False):
+        num_inits: int = 4, kmeans_iters: int = 100, sample_size: int = 16384,
+        chunk_size: int = 8192, return_info: bool = False):
   """EM for C diagonal GMMs at once on in-memory points (jitted).
 
   Args:
@@ -323,7 +385,8 @@ def fit(points: jax.Array, mask: jax.Array, num_components: int = 5, seed: int =
     raise ValueError(f'fit: points must be [C, N, D] with N > 0, got shape {points.shape}')
   points, mask = points.astype(jnp.float32), mask.astype(bool)
   frame, floor, params = _initialise(points, mask, seed, var_floor, kmeans_iters,
-                                     num_components=num_components, chunk_size=chunk_size)
+                                     num_components=num_components, num_inits=num_inits,
+                                     sample_size=sample_size, chunk_size=chunk_size)
   chunks = _to_chunks(points, mask, chunk_size)
   counts = jnp.sum(mask, axis=1, dtype=jnp.int32)
 

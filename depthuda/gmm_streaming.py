@@ -89,7 +89,8 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
                   seed: int = 0, max_iters: int = 100, tol: float = 1e-3,
                   var_floor: float = 1e-6,
                   reduce_fn: Callable[[SufficientStats], SufficientStats] | None = None, *,
-                  kmeans_iters: int = 10, chunk_size: int = 8192,
+                  num_inits: int = 4, kmeans_iters: int = 100, sample_size: int = 16384,
+                  chunk_size: int = 8192,
                   progress: Callable[[int, float], None] | None = None,
                   resume: EMState | None = None,
                   on_iteration: Callable[[EMState], None] | None = None
@@ -117,7 +118,8 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
   reduce_fn = reduce_fn or (lambda stats: stats)
   frame, floor, params = gmm._initialise(
       jnp.asarray(init_points, jnp.float32), jnp.asarray(init_mask, bool), seed,
-      var_floor, kmeans_iters, num_components=num_components, chunk_size=chunk_size)
+      var_floor, kmeans_iters, num_components=num_components, num_inits=num_inits,
+      sample_size=sample_size, chunk_size=chunk_size)
   counts = np.sum(np.asarray(init_mask, bool), axis=1)  # replaced by the stream's own counts
   prev = np.full(counts.shape, -np.inf)
   num_iters = np.zeros(counts.shape, np.int32)
