@@ -292,8 +292,9 @@ def _initialise(points, mask, seed, var_floor, kmeans_iters, *, num_components, 
   """Frame, var floor [C, 1, D] in it and initial params, the best of `num_inits` starts.
 
   Each start runs k-means (greedy k-means++ seeds, Lloyd until the centers stop moving or after
-  kmeans_iters) on a sample of each class, in the standardised frame; its hard-assignment GMM
-  that gives the sample the highest likelihood is kept.
+  kmeans_iters) on a sample of each class, in the standardised frame. Per class, the start whose
+  hard-assignment GMM gives the sample the highest likelihood is kept: sklearn's single start
+  (a full k-means) leaves two components merged on some classes of well-separated data.
   """
   num_classes = points.shape[0]
   frame = _fit_frame(points, mask)
@@ -368,12 +369,15 @@ def fit(points: jax.Array, mask: jax.Array, num_components: int = 5, seed: int =
     points: [C, N, D] float; class c's points are points[c][mask[c]].
     mask: [C, N] bool.
     num_components: K.
-    seed: k-means++ seed.
+    seed: seed of the initialisation (sample and k-means++).
     max_iters: cap on EM iterations (each class stops on its own once converged; 0 returns the
       initialisation).
     tol: convergence threshold on the change of the mean log-likelihood per point (sklearn's).
     var_floor: added to every variance (sklearn's reg_covar), in the original coordinates; > 0.
-    kmeans_iters: Lloyd iterations after k-means++ seeding, before EM.
+    num_inits: k-means starts per class; EM starts from the best (see `_initialise`).
+    kmeans_iters: cap on Lloyd iterations after k-means++ seeding (they stop once the centers
+      stop moving).
+    sample_size: points per class the k-means starts run on (evenly spread over the class).
     chunk_size: points per class processed at once (memory ~ C * chunk * K * D floats).
     return_info: also return a dict: 'iterations' (max over classes), 'class_iterations' [C],
       'converged' [C], 'class_mean_log_likelihood' [C], 'mean_log_likelihood' (all points), the

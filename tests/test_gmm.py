@@ -160,18 +160,38 @@ def test_fit_streaming_on_shared_grid_points():
   num_classes = 3
   points, mask = gmm.class_points(labels, depth, num_classes)
   per_class = np.broadcast_to(np.asarray(points), (num_classes,) + points.shape).copy()
-  expected = gmm.fit(per_class, np.asarray(mask), num_components=3, seed=1)
+  # The k-means starts run on a sample of each class's points (fewer than it has).
+  expected = gmm.fit(per_class, np.asarray(mask), num_components=3, seed=1, sample_size=200)
 
   def chunks():
     for i in range(0, 6, 2):
       yield gmm.class_points(labels[i:i + 2], depth[i:i + 2], num_classes)
 
   params, _ = gmm_streaming.fit_streaming(chunks, per_class, np.asarray(mask), num_components=3,
-                                          seed=1)
+                                          seed=1, sample_size=200)
   _assert_params_close(params, expected, rtol=1e-4, atol=1e-4)
   # Cell (row 2, column 7) of image 1 is the point (7, 2, depth).
   index = 1 * 12 * 20 + 2 * 20 + 7
   np.testing.assert_allclose(np.asarray(points[index]), [7, 2, depth[1, 2, 7]])
+
+
+def test_initial_sample_spreads_over_each_class():
+  """The k-means sample: `size` distinct points of the class, spread over its whole order, or
+  all its points where it has fewer; nothing from under the mask."""
+  rng = np.random.default_rng(11)
+  n, size = 500, 40
+  mask = np.zeros((3, n), bool)
+  mask[1, rng.choice(n, 25, replace=False)] = True
+  mask[2, rng.choice(n, 400, replace=False)] = True
+  index = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None], (3, n, 3))
+  points = np.where(mask[..., None], index, np.nan).astype(np.float32)
+  sample, valid = (np.asarray(a) for a in gmm._sample(jax.random.key(0), points, mask, size))
+  assert sample.shape == (3, size, 3) and valid.sum(1).tolist() == [0, 25, size]
+  np.testing.assert_array_equal(sample[~valid], 0.0)
+  np.testing.assert_array_equal(sample[1, :25, 0], np.flatnonzero(mask[1]))
+  ranks = np.searchsorted(np.flatnonzero(mask[2]), sample[2, :, 0])
+  np.testing.assert_array_equal(np.flatnonzero(mask[2])[ranks], sample[2, :, 0])  # class points
+  assert set(np.diff(ranks).tolist()) <= {9, 10, 11} and ranks[0] < 10  # every 10th, from start
 
 
 def test_stats_add_over_chunks():
