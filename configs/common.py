@@ -33,6 +33,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_images_every_steps = 5000
   c.nonfinite = 'stop'  # 'stop' or 'skip' a step whose loss is not finite.
+  # The model a training stage hands on (pseudo-labels, self-training's start, the reported
+  # score): 'best' on the target validation set, chosen with its labels (the original), or 'last'.
+  c.model_selection = 'best'
 
   c.model = ml_collections.ConfigDict()
   c.model.layers = (3, 4, 23, 3)
@@ -95,6 +98,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_images = 0  # 0: the whole validation set.
   c.eval.num_panels = 4
+  # Labels scored at 'native' resolution (Cityscapes: data.label_size) or resized to the
+  # 'input_size' (Mapillary: the original's protocol; README, "Evaluation").
+  c.eval.protocol = 'native'
+  c.eval.flip = False     # True: average the softmax with that of the mirrored image.
+  c.eval.scales = (1.0,)  # Input scales whose softmax is averaged; the original uses (1.0,).
   return c
 
 

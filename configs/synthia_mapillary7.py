@@ -9,7 +9,8 @@ Expected runtime, an estimate (not yet measured on a GPU; benchmarks/gpu.sh meas
 step): 90k adaptation iterations of ~10 TFLOP and 30k lighter self-training ones;
 about 2 h on one H100 at the 60 ms/iteration bfloat16 goal. The original took days
 on one GPU.
-Expected result: 7-class mIoU on Mapillary validation; published for orientation: DADA 67.6,
+Expected result: 7-class mIoU on Mapillary validation, scored at 1280x760 as the original
+(eval.protocol); published for orientation: DADA 67.6,
 CTRL 71.8.
 """
 
@@ -27,4 +28,7 @@ def get_config():
   c.loss.lambda_bal_tgt = 0.001
   c.optim.disc_lr = 1e-4
   c.pseudo.min_region_sizes = common.MIN_REGION_SIZES_MAPILLARY7
+  # The original scores labels resized (nearest, aspect kept) and padded to the input size;
+  # 'native' scores at the labels' own resolution, as DADA.
+  c.eval.protocol = 'input_size'
   return c

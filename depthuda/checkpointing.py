@@ -11,6 +11,12 @@ best checkpoint is deleted only once no checkpoint that a rerun could resume fro
 Orbax writes a step into a temporary directory and renames it when complete, so a run killed
 during a save leaves the previous checkpoints untouched and only a temporary directory behind;
 a resuming run (`resume=True`) removes it.
+
+Which model a stage hands on (to pseudo-labelling, self-training and evaluation) is
+`config.model_selection`: 'best', the best evaluation on the target validation set, as the
+original chooses it, or 'last', the stage's final checkpoint. `load_model` reads any checkpoint a
+user names: a stage folder, its best/ or checkpoints/ folder, one step folder in these, or a
+folder written by `depthuda.convert`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from depthuda.errors import InputError
 from depthuda.errors import write_failure
 
 _TMP_MARK = '.orbax-checkpoint-tmp'
+MODEL_SELECTIONS = ('best', 'last')
+_EXPECTED = ('expected a stage folder such as DIR/adapt, its best/ or checkpoints/ folder, one '
+             'step folder in these, or a folder written by depthuda.convert')
 
 
 class _NoSaveTracebacks(logging.logging.Filter):
@@ -179,6 +188,27 @@ class StageCheckpoints:
       return None
     return self._best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
+  def model_step(self, selection: str) -> int | None:
+    """The step of the model `selection` ('best' or 'last') picks; None if there is none."""
+    return self.best_step() if _check_selection(selection) == 'best' else self.latest_step()
+
+  def model_meta(self, selection: str) -> dict | None:
+    """{'step': int, 'miou': float ('best' only)} of the model `selection` picks, or None."""
+    if _check_selection(selection) == 'best':
+      return self.best_meta()
+    step = self.latest_step()
+    return None if step is None else {'step': step}
+
+  def restore_model(self, selection: str, abstract_variables: Any) -> tuple[Any, dict]:
+    """The segmenter variables `selection` picks, and `model_meta`."""
+    if _check_selection(selection) == 'best':
+      return self.restore_best(abstract_variables)
+    step = self.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}/checkpoints')
+    path = os.path.join(self.directory, 'checkpoints', str(step))
+    return _restore_state_variables(path, abstract_variables), {'step': step}
+
   def wait(self) -> None:
     self._writing('checkpoints', self._latest.wait_until_finished)
     self._best.wait_until_finished()
@@ -220,3 +250,84 @@ def load_variables(directory: str, abstract_variables: Any, meta: dict) -> Any:
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables)
   return ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), 'variables'), target)
+
+
+def _check_selection(selection: str) -> str:
+  if selection not in MODEL_SELECTIONS:
+    raise InputError(f'config.model_selection={selection!r}: expected one of {MODEL_SELECTIONS}')
+  return selection
+
+
+def _restore_state_variables(step_dir: str, abstract_variables: Any) -> Any:
+  """The segmenter variables (params, batch_stats) of a whole-`TrainState` step folder,
+  without reading the optimizer states or the discriminator."""
+  fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables)
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, 'sharding', None) or fallback), target)
+  out = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, 'state'),
+      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+  return dict(out)
+
+
+def _step_dirs(directory: str) -> list[int]:
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def load_model(path: str, selection: str, abstract_variables: Any, config: Any
+               ) -> tuple[Any, dict]:
+  """Segmenter variables from any checkpoint folder a user names (`--checkpoint`).
+
+  `path`: a folder written by `depthuda.convert` (`variables/`, checked by `converted.check`
+  against the `config`'s model; a trained model, not an ImageNet trunk); a step folder of a stage's
+  best/ (`variables/`, `meta/`) or checkpoints/ (`state/`, whose segmenter part is read); a
+  best/ or checkpoints/ folder (its latest step); or a stage folder (DIR/adapt, DIR/self_train),
+  whose model `selection` picks.
+
+  Returns:
+    (variables, {'checkpoint': absolute path, 'step': int or None, 'selection': the selection
+    applied or None, 'description': str}).
+  """
+  path = os.path.abspath(path.rstrip('/') or '/')
+  if not os.path.isdir(path):
+    raise InputError(f'--checkpoint={path}: no such directory ({_EXPECTED})')
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  info = {'checkpoint': path, 'step': None, 'selection': None}
+  try:
+    if os.path.isdir(os.path.join(path, 'variables')) and not os.path.isdir(
+        os.path.join(path, 'meta')):
+      meta = converted.check(path, f'--checkpoint={path}', config.data.num_classes,
+                             config.model.layers, config.model.width, trained_only=True)
+      info['description'] = f'{path} (converted)'
+      return load_variables(path, abstract_variables, meta), info
+    if name.isdigit() and os.path.isdir(os.path.join(path, 'variables')):  # best/<step>
+      variables = ocp.StandardCheckpointer().restore(
+          os.path.join(path, 'variables'),
+          jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables))
+      info.update(step=int(name), description=f'{parent} step {name}')
+      return variables, info
+    if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):  # checkpoints/<step>
+      info.update(step=int(name), description=f'{parent} step {name}')
+      return _restore_state_variables(path, abstract_variables), info
+    if name in ('best', 'checkpoints') and _step_dirs(path):
+      stage_dir, selection = parent, 'best' if name == 'best' else 'last'
+    elif any(os.path.isdir(os.path.join(path, sub)) and _step_dirs(os.path.join(path, sub))
+             for sub in ('best', 'checkpoints')):
+      stage_dir = path
+    else:
+      raise InputError(f'--checkpoint={path}: not a checkpoint ({_EXPECTED})')
+    stages = StageCheckpoints(stage_dir)
+    try:
+      variables, meta = stages.restore_model(selection, abstract_variables)
+    finally:
+      stages.close()
+  except (ValueError, KeyError, TypeError) as e:
+    raise InputError(f'--checkpoint={path}: does not match the model of this config '
+                     f'({(str(e).strip() or type(e).__name__).splitlines()[0][:200]})') from None
+  except FileNotFoundError as e:
+    raise InputError(f'--checkpoint={path}: {e}') from None
+  info.update(step=meta['step'], selection=selection,
+              description=f'{stage_dir} {selection} step {meta["step"]}')
+  return variables, info

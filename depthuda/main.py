@@ -10,6 +10,8 @@ Most used config fields: batch_size, seed, init_from, data.source_dir, data.targ
 adapt.num_steps, self_train.num_steps, loss.lambda_{seg,depth,bal_src,bal_tgt,adv},
 model.bn_mode, compute_dtype, checkpoint_every_steps, log_every_steps, eval_every_steps.
 Outputs: DIR/results.json, DIR/<stage>/metrics.jsonl, DIR/eval/*.png, TensorBoard in DIR/*/tb.
+`--stage=eval --checkpoint=PATH` scores a given model (a stage folder, its best/ or a step folder,
+or a folder written by depthuda.convert) into DIR without training anything.
 
 Exit status: 0 done; 1 bad input (data, files, settings), with a one-line message naming the
 culprit; 2 a bad command line or config file; 128 + N stopped by signal N (SIGTERM: 143,
@@ -47,6 +49,11 @@ _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     'malloc arena, never trimmed; depthuda/hostmem.py). For large steps on a CPU: no page '
     'faults per step (a 321x321 ResNet-101 step 0.3-0.9 s faster on two cores); small runs '
     'get slower (their threads share the arena), and freed memory is not handed back.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None,
+    'With --stage=eval: score this model instead of the run\'s own: a stage folder (DIR/adapt, '
+    'DIR/self_train; config.model_selection picks its model), its best/ or checkpoints/ folder, '
+    'one step folder in these, or a folder written by depthuda.convert.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -113,6 +120,8 @@ def _write_config(workdir: str, config) -> None:
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
+  if _CHECKPOINT.value is not None and _STAGE.value != 'eval':
+    _fail(f'--checkpoint={_CHECKPOINT.value} needs --stage=eval (it scores a given model)', 2)
   for sig in (signal.SIGTERM, signal.SIGINT):  # Stages that checkpoint replace these.
     signal.signal(sig, _raise_interrupted)
   logging.set_verbosity(logging.WARNING)
@@ -140,8 +149,11 @@ def main(argv):
     from depthuda import stages
     checkpointing.quiet_failed_saves()
 
-    for stage in (_STAGES if _STAGE.value == 'all' else (_STAGE.value,)):
-      stages.run(stage, config, workdir)
+    if _CHECKPOINT.value is not None:
+      stages.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+    else:
+      for stage in (_STAGES if _STAGE.value == 'all' else (_STAGE.value,)):
+        stages.run(stage, config, workdir)
   except Interrupted as e:
     print(f'depthuda: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)

@@ -4,16 +4,18 @@ r"""Segmentation, depth and density maps for your own images with a trained mode
   python -m depthuda.predict --checkpoint=pretrained/city --config=configs/synthia_city.py \
       --input='streets/**/*.jpg' --output=predictions/
 
-`--workdir=DIR` takes the best model of a finished run (self_train's if that stage ran, else
-adapt's) and the config the run saved as DIR/config.json (`--config` overrides it).
-`--checkpoint=PATH` takes a stage folder (DIR/adapt, DIR/self_train), its best/ folder, or a folder
-written by `python -m depthuda.convert`; it needs `--config`.
+`--workdir=DIR` takes the model of a finished run that its evaluation takes (config.model_selection:
+the best or the last of self_train if that stage ran, else of adapt) and the config the run saved as DIR/config.json (`--config` overrides it).
+`--checkpoint=PATH` takes a stage folder (DIR/adapt, DIR/self_train), its best/ or checkpoints/
+folder, one step folder in these, or a folder written by `python -m depthuda.convert`; it needs
+`--config`.
 
 `--input` is a folder (every image directly in it), an image file or a glob pattern (`**`
 recurses). Each image is resized to `config.data.input_size` as the training input is (bicubic
 with antialiasing, rounded to 8 bits, RGB -> BGR, mean subtracted; PIL's resize here, within one
-gray level of the tf.data pipeline's); the network's outputs are upsampled bilinearly (align
-corners, as in evaluation) back to the image's own size. For an input NAME.EXT the output folder
+gray level of the tf.data pipeline's; for a Mapillary config with its aspect kept and padded with
+black); the network's outputs are upsampled bilinearly (align corners, as in evaluation) back to
+the image's own size (the padding's share cropped off). For an input NAME.EXT the output folder
 receives
   NAME_classes.png   class ids, 8-bit gray (the format of the pseudo-labels)
   NAME_seg.png       class colours (the dataset palette)
@@ -46,16 +48,16 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from depthuda import checkpointing
-from depthuda import converted
 from depthuda import losses
 from depthuda import reporting
 from depthuda import train
 from depthuda import visualize
 from depthuda.data import labels
+from depthuda.data import mapillary
 from depthuda.errors import InputError
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
-STAGES_BEST_FIRST = ('self_train', 'adapt')  # The `eval` stage's choice of the best model.
+STAGES_LATEST_FIRST = ('self_train', 'adapt')  # The `eval` stage's choice of the model.
 DENSITY_RANGE = (0.0, 255.0)  # g(p) = 255 (1 - exp(-s p)) (METHOD §4).
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,8 +65,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run: its best model and config.')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'A stage folder (DIR/adapt), its best/ folder, or a converted '
-    'checkpoint folder; needs --config.')
+    'checkpoint', None, 'A stage folder (DIR/adapt), its best/ or checkpoints/ folder, a '
+    'step folder in these, or a converted checkpoint folder; needs --config.')
 _INPUT = flags.DEFINE_string('input', None, 'Image folder, image file or glob pattern.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the PNGs (created if needed).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
@@ -82,28 +84,20 @@ def config_from_workdir(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _abstract_variables(config, seg) -> Any:
-  """Shapes of the segmenter variables, placed on the default device.
-
-  An explicit device keeps Orbax from restoring onto the devices recorded at save time (a
-  checkpoint written on a GPU machine restores on a CPU-only one and vice versa).
-  """
-  width, height = config.data.input_size
-  shapes = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
-                                           jnp.zeros((1, height, width, 3)), train=False))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+def _selection(config) -> str:
+  # A config.json of a run from before model_selection existed: its best model.
+  return config.get('model_selection', 'best')
 
 
-def _stage_with_best(workdir: str) -> str | None:
-  """DIR/self_train if it holds a best checkpoint, else DIR/adapt if it does, else None."""
-  for stage in STAGES_BEST_FIRST:
+def _selected_stage(workdir: str, selection: str) -> str | None:
+  """DIR/self_train if it holds the model `selection` picks, else DIR/adapt if it does."""
+  for stage in STAGES_LATEST_FIRST:
     stage_dir = os.path.join(workdir, stage)
     # Only open existing stage folders: opening a manager creates its directories.
-    if not os.path.isdir(os.path.join(stage_dir, 'best')):
+    if not os.path.isdir(stage_dir):
       continue
     stages = checkpointing.StageCheckpoints(stage_dir)
-    found = stages.best_step() is not None
+    found = stages.model_step(selection) is not None
     stages.close()
     if found:
       return stage_dir
@@ -116,32 +110,21 @@ def load_model(config, *, workdir: str | None = None, checkpoint: str | None = N
   if (workdir is None) == (checkpoint is None):
     raise InputError('give exactly one of --workdir and --checkpoint')
   seg, _ = train.build_models(config, axis_name=None)
-  abstract = _abstract_variables(config, seg)
-  if workdir is not None:
-    if not os.path.isdir(workdir):
-      raise InputError(f'no such workdir: {workdir}')
-    stage_dir = _stage_with_best(workdir)
-    if stage_dir is None:
-      raise InputError(f'no trained model in {workdir}: neither {workdir}/self_train/best nor '
-                       f'{workdir}/adapt/best holds a checkpoint (run the adapt stage first)')
-  else:
-    path = checkpoint.rstrip('/')
-    if os.path.isdir(os.path.join(path, 'variables')):
-      meta = converted.check(path, f'--checkpoint={checkpoint}', config.data.num_classes,
-                             config.model.layers, config.model.width, trained_only=True)
-      return seg, checkpointing.load_variables(path, abstract, meta), path
-    if os.path.basename(path) == 'best' and os.path.isdir(path):
-      path = os.path.dirname(path)
-    if not os.path.isdir(os.path.join(path, 'best')):
-      raise InputError(f'no checkpoint at {checkpoint} (expected DIR/adapt, DIR/self_train, '
-                       f'their best/ folder, or a folder written by depthuda.convert)')
-    stage_dir = path
+  abstract = train.abstract_variables(config, seg)
+  if checkpoint is not None:
+    variables, info = checkpointing.load_model(checkpoint, _selection(config), abstract, config)
+    return seg, variables, info['description']
+  if not os.path.isdir(workdir):
+    raise InputError(f'no such workdir: {workdir}')
+  selection = _selection(config)
+  stage_dir = _selected_stage(workdir, selection)
+  if stage_dir is None:
+    raise InputError(f'no trained model in {workdir}: neither {workdir}/self_train nor '
+                     f'{workdir}/adapt holds a checkpoint (run the adapt stage first)')
   stages = checkpointing.StageCheckpoints(stage_dir)
-  if stages.best_step() is None:
-    raise InputError(f'no best checkpoint in {stage_dir}/best')
-  variables, meta = stages.restore_best(abstract)
+  variables, meta = stages.restore_model(selection, abstract)
   stages.close()
-  return seg, variables, f'{stage_dir} step {meta["step"]}'
+  return seg, variables, f'{stage_dir} {selection} step {meta["step"]}'
 
 
 def find_images(pattern: str) -> list[pathlib.Path]:
@@ -175,37 +158,54 @@ def read_rgb(path: pathlib.Path) -> np.ndarray:
     raise InputError(f'cannot read image {path}: {e}') from None
 
 
-def preprocess(image_rgb: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
+def preprocess(image_rgb: np.ndarray, input_size: Sequence[int],
+               keep_aspect: bool = False) -> np.ndarray:
   """[H, W, 3] uint8 RGB -> float32 [h, w, 3] BGR minus the mean at (w, h) = `input_size`.
 
   PIL's bicubic resize (antialiased when shrinking, 8-bit output) is the original's; the
-  tf.data pipeline rounds its own bicubic resize to 8 bits to follow it.
+  tf.data pipeline rounds its own bicubic resize to 8 bits to follow it. With `keep_aspect`
+  (Mapillary), the image is resized to fit with its aspect kept and padded at the bottom or
+  right with black, as the input pipeline does (`mapillary.fitted_size`).
   """
   width, height = (int(v) for v in input_size)
-  resized = np.asarray(Image.fromarray(image_rgb).resize((width, height),
-                                                         Image.Resampling.BICUBIC))
-  return resized[..., ::-1].astype(np.float32) - labels.MEAN_BGR
+  fitted = (mapillary.fitted_size(image_rgb.shape[1], image_rgb.shape[0], (width, height))
+            if keep_aspect else (width, height))
+  resized = np.asarray(Image.fromarray(image_rgb).resize(fitted, Image.Resampling.BICUBIC))
+  padded = np.zeros((height, width, 3), np.uint8)
+  padded[:fitted[1], :fitted[0]] = resized
+  return padded[..., ::-1].astype(np.float32) - labels.MEAN_BGR
+
+
+def _keeps_aspect(config) -> bool:
+  """Mapillary's images are fitted and padded (METHOD §2); the other targets' are stretched."""
+  return config.data.target == 'mapillary'
 
 
 @functools.lru_cache(maxsize=None)
-def _to_image_size(size: tuple[int, int]):
-  """Jitted: grid outputs of one image -> class ids and maps at `size` (H, W)."""
+def _to_image_size(size: tuple[int, int], padded: tuple[int, int]):
+  """Jitted: grid outputs of one image -> class ids and maps at `size` (H, W).
+
+  The outputs cover the whole (padded) input: they are upsampled to `padded` (H', W'), `size`
+  with the padding's share added, and cropped to `size` at the top left.
+  """
 
   def finish(logits, density, depth):
-    up = lambda x: losses.upsample_bilinear(x[None].astype(jnp.float32), size)[0]
+    up = lambda x: losses.upsample_bilinear(x[None].astype(jnp.float32),
+                                            padded)[0, :size[0], :size[1]]
     return (jnp.argmax(up(logits), -1).astype(jnp.uint8), up(density)[..., 0],
             up(depth)[..., 0])
 
   return jax.jit(finish)
 
 
-def _batches(paths: Sequence[pathlib.Path], batch_size: int, input_size: Sequence[int]
+def _batches(paths: Sequence[pathlib.Path], batch_size: int, input_size: Sequence[int],
+             keep_aspect: bool
              ) -> Iterator[tuple[list[pathlib.Path], list[np.ndarray], np.ndarray]]:
   """Chunks of (paths, original RGB images, preprocessed batch padded to `batch_size`)."""
   for start in range(0, len(paths), batch_size):
     chunk = list(paths[start:start + batch_size])
     originals = [read_rgb(p) for p in chunk]
-    batch = np.stack([preprocess(image, input_size) for image in originals])
+    batch = np.stack([preprocess(image, input_size, keep_aspect) for image in originals])
     if len(chunk) < batch_size:  # One batch shape: no recompilation for the last batch.
       batch = np.concatenate([batch, np.zeros((batch_size - len(chunk),) + batch.shape[1:],
                                               batch.dtype)])
@@ -235,17 +235,22 @@ def predict_images(config, seg, variables, paths: Sequence[pathlib.Path], output
   forward = train.predict_fn(seg)
   batch_size = min(batch_size, len(paths))
   num_classes = config.data.num_classes
+  keep_aspect = _keeps_aspect(config)
   bar = reporting.progress(total=len(paths), desc=desc, unit='img')
 
   def finish(chunk, originals, outputs):
     for i, (path, image) in enumerate(zip(chunk, originals)):
       grid = [x[i] for x in outputs]
-      classes, density, depth = jax.device_get(_to_image_size(image.shape[:2])(*grid))
+      height, width = image.shape[:2]
+      padded = (mapillary.padded_label_size(width, height, tuple(config.data.input_size))[::-1]
+                if keep_aspect else (height, width))
+      classes, density, depth = jax.device_get(_to_image_size((height, width), padded)(*grid))
       write_outputs(output_dir, path.stem, image, classes, density, depth, num_classes)
       bar.update()
 
   pending = None
-  for chunk, originals, batch in _batches(paths, batch_size, config.data.input_size):
+  for chunk, originals, batch in _batches(paths, batch_size, config.data.input_size,
+                                          keep_aspect):
     outputs = forward(variables, batch)  # Dispatched asynchronously: overlaps the writing below.
     if pending is not None:
       finish(*pending)

@@ -95,6 +95,19 @@ def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return tuple(out[0].shape[1:3])
 
 
+def abstract_variables(config: ml_collections.ConfigDict, seg: nn.Module) -> Any:
+  """Shapes of the segmenter variables, placed on this process's first device.
+
+  An explicit device keeps Orbax from restoring onto the devices recorded at save time (a
+  checkpoint written on a GPU machine restores on a CPU-only one and vice versa).
+  """
+  width, height = config.data.input_size
+  shapes = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, height, width, 3)), train=False))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
 def _init_keys(config: ml_collections.ConfigDict) -> jax.Array:
   """The keys of a fresh run: [segmenter init, discriminator init, the run's RNG]."""
   return jax.random.split(jax.random.PRNGKey(config.seed), 3)

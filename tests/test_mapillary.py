@@ -195,16 +195,78 @@ def test_errors_name_what_is_missing(root, tmp_path):
     mapillary.check_label_names(str(bad))
 
 
-def test_evaluation_counts_labels_of_every_size(root):
-  import jax.numpy as jnp
+def _varied_variables(seg, seed=0):
+  """Variables of `seg` with He-scaled kernels, so that predictions vary across the image
+  (the original's N(0, 0.01) init gives one class everywhere in a tiny untrained network)."""
+  variables = seg.init(jax.random.PRNGKey(seed), np.zeros((1, 38, 64, 3), np.float32),
+                       train=False)
+  rng = np.random.default_rng(seed)
+
+  def rescale(path, x):
+    if path[-1].key != 'kernel':
+      return x
+    std = np.sqrt(2 / np.prod(x.shape[:-1]))
+    if any(getattr(k, 'key', None) == 'classifier' for k in path):
+      std *= 0.01  # logits of a few units (the mean-subtracted input spans +-128)
+    return rng.normal(0, std, x.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(rescale, jax.device_get(variables))
+
+
+def _reference_label(classes, protocol):
+  """[h, w] classes -> the scored label, by NumPy arithmetic: 'input_size' resizes nearest
+  (PIL's rule, pixel floor((i + 1/2) * scale)) with the aspect kept to fit INPUT_SIZE and pads
+  it there; 'native' pads the label to INPUT_SIZE's aspect ratio. Padding is ignore (255)."""
+  h, w = classes.shape
+  in_w, in_h = INPUT_SIZE
+  if protocol == 'input_size':
+    fit_w, fit_h = (in_w, int(h * in_w / w)) if w * in_h > in_w * h else (int(w * in_h / h), in_h)
+    rows = (2 * np.arange(fit_h) + 1) * h // (2 * fit_h)
+    cols = (2 * np.arange(fit_w) + 1) * w // (2 * fit_w)
+    out = np.full((in_h, in_w), 255, np.int64)
+    out[:fit_h, :fit_w] = classes[rows[:, None], cols[None, :]]
+    return out
+  pad_w, pad_h = (int(in_w / in_h * h), h) if in_w * h > w * in_h else (w, int(w * in_h / in_w))
+  out = np.full((max(h, pad_h), max(w, pad_w)), 255, np.int64)
+  out[:h, :w] = classes
+  return out
+
+
+@pytest.mark.parametrize('protocol', ['input_size', 'native'])
+def test_evaluation_protocols_match_a_numpy_and_sklearn_reference(root, protocol):
+  import torch
+  from sklearn.metrics import confusion_matrix
   from depthuda import models
   from depthuda.stages import evaluation
   config = _config(root)
-  config.eval = ml_collections.ConfigDict(dict(num_images=0))
+  config.eval = ml_collections.ConfigDict(dict(num_images=0, protocol=protocol, flip=False,
+                                               scales=(1.0,)))
   seg = models.DeepLabV2Depth(num_classes=7, layers=(1, 1, 1, 1), width=4)
-  variables = seg.init(jax.random.PRNGKey(0), jnp.zeros((1, 38, 64, 3)), train=False)
+  variables = _varied_variables(seg)
   result = evaluation.evaluate(config, seg, variables)
   table = labels.label_map('mapillary', 7)
-  labelled = sum(int((table[_label_ids(size, i)] != 255).sum())
-                 for i, size in enumerate(VAL_SIZES.values()))
-  assert np.asarray(result['confusion_matrix']).sum() == labelled  # padding is not counted
+  expected = np.zeros((7, 7), np.int64)
+  predicted_classes = set()
+  for i, (name, size) in enumerate(VAL_SIZES.items()):
+    label = _reference_label(table[_label_ids(size, i)].astype(np.int64), protocol)
+    if protocol == 'input_size':
+      assert label.shape == (38, 64)  # the original scores at the input size
+    image = next(e for e in pipeline.target_val(config) if e['name'] == name)['image']
+    logits, _, _ = seg.apply(variables, image, train=False)
+    up = torch.nn.functional.interpolate(torch.from_numpy(np.array(logits)).permute(0, 3, 1, 2),
+                                         size=label.shape, mode='bilinear', align_corners=True)
+    pred = up[0].argmax(0).numpy()
+    valid = label != 255
+    expected += confusion_matrix(label[valid], pred[valid], labels=np.arange(7))
+    predicted_classes.update(np.unique(pred[valid]).tolist())
+  assert len(predicted_classes) > 2  # predictions vary, so the alignment is tested
+  np.testing.assert_array_equal(np.asarray(result['confusion_matrix']), expected)
+
+
+def test_mapillary_configs_score_as_the_original():
+  from configs import common
+  from configs import synthia_mapillary7
+  from configs import synthia_mapillary7_small
+  assert synthia_mapillary7.get_config().eval.protocol == 'input_size'
+  assert synthia_mapillary7_small.get_config().eval.protocol == 'input_size'
+  assert common.get_base_config().eval.protocol == 'native'  # Cityscapes: 2048x1024 labels

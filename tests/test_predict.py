@@ -20,6 +20,7 @@ from depthuda import predict
 from depthuda import train
 from depthuda import visualize
 from tests import main_runs
+from tests.test_mapillary import _varied_variables
 
 KINDS = ('classes', 'seg', 'overlay', 'depth', 'density')
 SIZES = {'wide': (50, 30), 'odd': (97, 61), 'portrait': (33, 80)}  # (W, H)
@@ -111,7 +112,7 @@ def test_preprocess_matches_input_pipeline():
 def test_predict_writes_every_map_at_the_input_size(setup, tmp_path):
   root, config = setup
   seg, variables, source = predict.load_model(config, workdir=str(root / 'run'))
-  assert source.endswith('adapt step 3')
+  assert source.endswith('adapt best step 3')
   paths = predict.find_images(str(root / 'images'))
   predict.predict_images(config, seg, variables, paths, str(tmp_path), batch_size=2)
   assert sorted(os.listdir(tmp_path)) == sorted(f'{n}_{k}.png' for n in SIZES for k in KINDS)
@@ -138,7 +139,7 @@ def test_predict_writes_every_map_at_the_input_size(setup, tmp_path):
 def test_rendered_pngs_of_a_known_model(setup, tmp_path):
   root, config = setup
   seg, variables, source = predict.load_model(config, workdir=str(root / 'constant'))
-  assert 'self_train step 3' in source
+  assert 'self_train best step 3' in source
   path = root / 'images' / 'wide.png'
   predict.predict_images(config, seg, variables, [path], str(tmp_path))
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'wide_classes.png')), SKY)
@@ -162,7 +163,7 @@ def test_missing_model_is_a_clear_error_and_creates_nothing(setup, tmp_path):
   _, config = setup
   with pytest.raises(predict.InputError, match='no trained model'):
     predict.load_model(config, workdir=str(tmp_path))
-  with pytest.raises(predict.InputError, match='no checkpoint at'):
+  with pytest.raises(predict.InputError, match='not a checkpoint'):
     predict.load_model(config, checkpoint=str(tmp_path))
   assert not os.listdir(tmp_path)
 
@@ -196,3 +197,38 @@ def test_checkpoint_paths_stage_best_and_converted(setup, tmp_path):
   for path in (root / 'run' / 'adapt', root / 'run' / 'adapt' / 'best', tmp_path):
     _, variables, _ = predict.load_model(config, checkpoint=str(path))
     jax.tree.map(np.testing.assert_array_equal, variables, reference)
+
+
+def test_mapillary_config_fits_and_pads_as_training(setup, tmp_path):
+  """A Mapillary config: images keep their aspect and are padded as the input pipeline does;
+  the outputs of the whole padded input come back cropped to each image."""
+  import tensorflow as tf
+  import torch
+  from depthuda.data import decoding
+  root, config = setup
+  config = config.copy_and_resolve_references()
+  config.data.target = 'mapillary'
+  rng = np.random.default_rng(2)
+  for width, height in ((97, 30), (33, 80), (64, 40)):  # wider, taller, the input's aspect
+    rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+                     .resize((width, height), Image.Resampling.BILINEAR))
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format='JPEG', quality=95)
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg.getvalue())).convert('RGB'))
+    expected, _ = decoding.decode_padded_image(tf.constant(jpeg.getvalue()), (64, 40))
+    got = predict.preprocess(decoded, (64, 40), keep_aspect=True)
+    assert np.abs(got - expected.numpy()).max() <= 1.0, (width, height)
+  seg, _, _ = predict.load_model(config, workdir=str(root / 'run'))
+  variables = _varied_variables(seg)  # predictions that vary across the image
+  path = root / 'images' / 'wide.png'  # 50x30, wider than the input: padded at the bottom
+  predict.predict_images(config, seg, variables, [path], str(tmp_path))
+  original = np.asarray(Image.open(path).convert('RGB'))
+  logits, _, _ = seg.apply(variables, predict.preprocess(original, (64, 40), True)[None],
+                           train=False)
+  # The padded input covers 50*40/64 = 31.25 image rows: 31, truncated as for labels.
+  up = torch.nn.functional.interpolate(torch.from_numpy(np.array(logits)).permute(0, 3, 1, 2),
+                                       size=(31, 50), mode='bilinear', align_corners=True)
+  classes = np.asarray(Image.open(tmp_path / 'wide_classes.png'))
+  assert classes.shape == (30, 50)
+  assert len(np.unique(classes)) > 2
+  assert (classes == up[0].argmax(0).numpy()[:30]).mean() > 0.999

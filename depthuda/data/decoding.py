@@ -88,12 +88,14 @@ def decode_padded_image(data: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tensor]:
   return image[..., ::-1] - labels.MEAN_BGR, valid
 
 
-def decode_padded_label(data: tf.Tensor, size, table: np.ndarray) -> tf.Tensor:
-  """8-bit label-index PNG -> i32 [HL, WL] classes at its own resolution, padded with ignore
-  to the aspect ratio of (W, H) `size` (`mapillary.read_label`; PIL keeps palette indices)."""
-  read = lambda png: mapillary.read_label(png, tuple(size), table)
+def decode_padded_label(data: tf.Tensor, size, table: np.ndarray,
+                        protocol: str = 'native') -> tf.Tensor:
+  """8-bit label-index PNG -> i32 classes padded with ignore: [H, W] at (W, H) `size` for
+  protocol 'input_size', [HL, WL] at its own resolution for 'native' (`mapillary.read_label`;
+  PIL keeps palette indices)."""
+  read = lambda png: mapillary.read_label(png, tuple(size), table, protocol)
   label = tf.numpy_function(read, [data], tf.int32, stateful=False)
-  return tf.ensure_shape(label, (None, None))
+  return tf.ensure_shape(label, hw(size) if protocol == 'input_size' else (None, None))
 
 
 def mask_padding(label: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:

@@ -15,9 +15,11 @@ List files hold one image name per line, with or without `.jpg`.
 
 The images differ in size and aspect ratio. As in the original, an image is resized (bicubic,
 aspect preserved) to fit the input size and padded at the bottom or the right with black pixels
-(0 before mean subtraction). Evaluation labels keep their own resolution and are padded, at the
-bottom or the right, with ignore to the input's aspect ratio, so that the logits of the whole
-padded input, upsampled to the padded label, line up with it (METHOD §7).
+(0 before mean subtraction). Evaluation labels (METHOD §7), by `config.eval.protocol`:
+'input_size', the original's: resized nearest with their aspect kept exactly as the image, and
+padded with ignore to the input size; 'native', DADA's: at their own resolution, padded with
+ignore at the bottom or the right to the input's aspect ratio. Either way the logits of the whole
+padded input, upsampled to the padded label, line up with it.
 
 This module lists files and does the size arithmetic and label reading with NumPy and PIL;
 `depthuda.data.pipeline` turns the lists into tf.data streams. TensorFlow's PNG decoder expands
@@ -154,13 +156,22 @@ def _check_label_mode(source, image: Image.Image | None = None) -> None:
                      'indices (palette or gray), as in the v1.2 labels/ folders')
 
 
-def read_label(data: bytes, size: tuple[int, int], table: np.ndarray) -> np.ndarray:
-  """A label PNG's bytes -> int32 [H', W'] classes through `table`, padded with ignore to the
-  aspect ratio of (W, H) `size` (see `padded_label_size`)."""
+def read_label(data: bytes, size: tuple[int, int], table: np.ndarray,
+               protocol: str = 'native') -> np.ndarray:
+  """A label PNG's bytes -> int32 classes through `table`, padded with ignore.
+
+  protocol 'input_size' (the original's): resized nearest (PIL) with its aspect kept to fit
+  (W, H) `size` as the image is (`fitted_size`), then padded to [H, W]. 'native' (DADA's): at
+  its own resolution, padded to the aspect ratio of `size` (`padded_label_size`), [H', W'].
+  """
   image = Image.open(io.BytesIO(data))
   _check_label_mode('a label', image)
+  if protocol == 'input_size':
+    image = image.resize(fitted_size(image.width, image.height, size), Image.Resampling.NEAREST)
+    width, height = size
+  else:
+    width, height = padded_label_size(image.width, image.height, size)
   ids = np.asarray(image)
-  width, height = padded_label_size(ids.shape[1], ids.shape[0], size)
   label = np.full((height, width), labels.IGNORE_LABEL, np.int32)
   label[:ids.shape[0], :ids.shape[1]] = table[ids]
   return label

@@ -4,8 +4,8 @@ Examples are decoded at `config.data.input_size` by `depthuda.data.decoding` (ME
 
 Mapillary Vistas (config.data.target='mapillary') is read in place from its folders
 (`depthuda.data.mapillary`): images are resized to fit the input size with their aspect kept and
-padded with black; validation labels keep their own resolution, padded with ignore to the input's
-aspect ratio; the padding of a pseudo-labelled image is ignored in self-training.
+padded with black; validation labels are padded with ignore as the evaluation protocol says
+(`target_val`); the padding of a pseudo-labelled image is ignored in self-training.
 
 Every process reads its own shard (`tfds.even_splits`, or equal parts of a file list) and yields
 config.batch_size // jax.process_count() examples per batch. Training streams are endless and
@@ -106,7 +106,8 @@ class _Target:
   examples: Callable[[str, bool], _Examples]  # (split, drop_remainder)
   # example -> (f32 [H, W, 3] at input size, i32 [2] rows and columns not padded)
   image: Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
-  label: Callable[[dict, np.ndarray], tf.Tensor]  # (example, table) -> i32 [HL, WL] classes
+  # (example, table, eval protocol) -> i32 [HL, WL] classes
+  label: Callable[[dict, np.ndarray, str], tf.Tensor]
   name: Callable[[dict], tf.Tensor]
 
 
@@ -120,8 +121,9 @@ def _target(config: ml_collections.ConfigDict) -> _Target:
     return _Target(
         examples=lambda split, drop: _tfds_examples(builder, _CITYSCAPES_SPLITS[split], drop),
         image=lambda ex: (decoding.decode_image(ex['image_left'], size), tf.constant(decoding.hw(size))),
-        label=lambda ex, table: decoding.decode_label(ex['segmentation_label'], data.label_size, table,
-                                               labels.CITYSCAPES_IDS),
+        label=lambda ex, table, protocol: decoding.decode_label(
+            ex['segmentation_label'], size if protocol == 'input_size' else data.label_size,
+            table, labels.CITYSCAPES_IDS),
         name=lambda ex: ex['image_id'])
   if data.target == 'mapillary':
     mapillary.check_label_names(data.target_dir)
@@ -129,7 +131,8 @@ def _target(config: ml_collections.ConfigDict) -> _Target:
         examples=lambda split, drop: _file_examples(
             f'Mapillary Vistas {split}', mapillary.list_split(data.target_dir, split), drop),
         image=lambda ex: decoding.decode_padded_image(tf.io.read_file(ex['image']), size),
-        label=lambda ex, table: decoding.decode_padded_label(tf.io.read_file(ex['label']), size, table),
+        label=lambda ex, table, protocol: decoding.decode_padded_label(
+            tf.io.read_file(ex['label']), size, table, protocol),
         name=lambda ex: ex['name'])
   raise InputError(f'config.data.target={data.target!r}: expected cityscapes or mapillary')
 
@@ -374,19 +377,26 @@ def target_images(config: ml_collections.ConfigDict, split: str) -> Iterator[dic
   return _one_pass(config, target.examples(_TARGET_SPLITS[split], False).read(None), decode, 1)
 
 
-def target_val(config: ml_collections.ConfigDict) -> Iterator[dict]:
+EVAL_PROTOCOLS = ('input_size', 'native')
+
+
+def target_val(config: ml_collections.ConfigDict, protocol: str = 'native') -> Iterator[dict]:
   """This process's share of the target validation split, one image at a time.
 
-  Yields {'image': f32 [1, H, W, 3], 'label': i32 [1, HL, WL] classes, 'name': str}. Labels
-  are at config.data.label_size for Cityscapes (its own 2048x1024); Mapillary's keep their own
-  resolution, padded with ignore to the input's aspect ratio, so HL, WL vary.
+  Yields {'image': f32 [1, H, W, 3], 'label': i32 [1, HL, WL] classes, 'name': str}. The labels
+  follow the evaluation `protocol` (METHOD §7): 'native' keeps Cityscapes' at
+  config.data.label_size (its own 2048x1024) and Mapillary's at their own resolution, padded
+  with ignore to the input's aspect ratio (HL, WL vary); 'input_size' resizes them nearest to
+  the input size as the image is (Mapillary: aspect kept, padded with ignore).
   """
+  if protocol not in EVAL_PROTOCOLS:
+    raise InputError(f'config.eval.protocol={protocol!r}: expected one of {EVAL_PROTOCOLS}')
   target = _target(config)
   try:
     table = labels.label_map(config.data.target, config.data.num_classes)
   except ValueError as e:
     raise InputError(f'config.data.num_classes: {e}') from None
-  decode = lambda ex: {'image': target.image(ex)[0], 'label': target.label(ex, table),
+  decode = lambda ex: {'image': target.image(ex)[0], 'label': target.label(ex, table, protocol),
                        'name': target.name(ex)}
   return _one_pass(config, target.examples('validation', False).read(None), decode, 1)
 

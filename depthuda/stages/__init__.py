@@ -41,17 +41,20 @@ def _self_train(config, workdir):
 
 
 def _eval_complete(config, workdir):
-  """results.json has an evaluation of the model that is the best one now."""
+  """results.json has an evaluation, with the current eval settings, of the model that
+  config.model_selection picks now."""
   entry = reporting.read_results(workdir).get('eval')
-  if not entry:
+  if not entry or any(entry.get(k) != v for k, v in evaluation.settings(config).items()):
     return False
+  selection = config.model_selection
   try:
-    stage = evaluation.best_model_stage(workdir)
+    stage = evaluation.model_stage(workdir, selection)
   except FileNotFoundError:
     return False
   ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, stage))
   try:
-    return entry.get('model_stage') == stage and entry.get('model_step') == ckpts.best_step()
+    return (entry.get('model_stage') == stage and entry.get('model_selection') == selection
+            and entry.get('model_step') == ckpts.model_step(selection))
   finally:
     ckpts.close()
 
@@ -75,3 +78,10 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str, force: bool
   entry = _RUN[stage](config, workdir)
   reporting.update_results(workdir, stage, entry)
   return True
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str) -> None:
+  """The `eval` stage on the model at `checkpoint` (`checkpointing.load_model`), always run:
+  its results replace the `eval` entry of `workdir`'s results.json."""
+  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  reporting.update_results(workdir, 'eval', evaluation.run(config, workdir, checkpoint))

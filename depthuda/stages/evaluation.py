@@ -1,8 +1,14 @@
 """The `eval` stage and the validation used during training (METHOD §7).
 
 Each validation image is resized to the input size; the logits are upsampled bilinearly
-(align corners) to the full label resolution (2048x1024 for Cityscapes), arg-maxed and counted
-into a confusion matrix on device. Processes evaluate their own shards and sum the matrices.
+(align corners) to the label's size, arg-maxed and counted into a confusion matrix on device.
+The label's size is the evaluation protocol's (`config.eval.protocol`, `pipeline.target_val`):
+Cityscapes' full 2048x1024, or for Mapillary the input size (the original's) or the label's own
+resolution (DADA's). Optional test-time augmentation (`config.eval.flip`, `config.eval.scales`)
+averages the softmax of several views. Processes evaluate their own shards and sum the matrices.
+
+The model evaluated is `config.model_selection`'s ('best' or 'last') of the latest training stage,
+or any checkpoint a user names (`checkpointing.load_model`).
 """
 
 from __future__ import annotations
@@ -24,23 +30,64 @@ from depthuda import train
 from depthuda import visualize
 from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
+from depthuda.errors import InputError
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _logits(seg, variables, image):
-  """[1,H,W,3] image -> [1,h,w,C] float32 logits on the feature grid."""
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _logits(seg, variables, image, scale: float, flip: bool):
+  """[1,H,W,3] image -> [1,h,w,C] float32 logits on the feature grid of the image rescaled by
+  `scale` (bilinear, align corners) and, if `flip`, mirrored left to right."""
+  if scale != 1.0:
+    h, w = image.shape[1:3]
+    image = losses.upsample_bilinear(image, (max(1, round(h * scale)), max(1, round(w * scale))))
+  if flip:
+    image = image[:, :, ::-1]
   logits, _, _ = seg.apply(variables, image, train=False)
   return logits.astype(jnp.float32)
 
 
-# Jitted apart from the network: Mapillary's labels come in many sizes, and a new size then
-# compiles only this small function. It also keeps the network's activations and the
+def views(config: ml_collections.ConfigDict) -> tuple[tuple[float, bool], ...]:
+  """The (scale, flip) views of test-time augmentation; ((1.0, False),) without it."""
+  scales = tuple(config.eval.scales)
+  if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+    raise InputError(f'config.eval.scales={scales!r}: expected a tuple of positive input scales, '
+                     'e.g. (1.0,) or (0.75, 1.0, 1.25)')
+  if not isinstance(config.eval.flip, bool):
+    raise InputError(f'config.eval.flip={config.eval.flip!r}: expected True or False')
+  flips = (False, True) if config.eval.flip else (False,)
+  return tuple((float(scale), flip) for scale in scales for flip in flips)
+
+
+def view_logits(seg, variables, image, view_list) -> tuple[jax.Array, ...]:
+  """The grid logits of each (scale, flip) view of a [1,H,W,3] image."""
+  return tuple(_logits(seg, variables, image, scale, flip) for scale, flip in view_list)
+
+
+def mean_probabilities(logits, flips, size) -> jax.Array:
+  """The softmax averaged over views, [1,H,W,C]: each view's logits upsampled (bilinear, align
+  corners) to `size` (H, W), softmaxed, and mirrored back where its input was mirrored."""
+  total = 0.0
+  for view, flip in zip(logits, flips):
+    probs = jax.nn.softmax(losses.upsample_bilinear(view, size), axis=-1)
+    total = total + (probs[:, :, ::-1] if flip else probs)
+  return total / len(logits)
+
+
+# Jitted apart from the network: Mapillary's native labels come in many sizes, and a new size
+# then compiles only this small function. It also keeps the network's activations and the
 # upsampled logits from being live together.
 @functools.partial(jax.jit, static_argnums=(2,))
 def _confusion(logits, label, num_classes):
   """[1,h,w,C] logits, [1,HL,WL] label -> [C,C] confusion matrix of the upsampled prediction."""
   up = losses.upsample_bilinear(logits, label.shape[1:3])
   return metrics_lib.confusion_matrix_device(jnp.argmax(up, -1), label, num_classes)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _confusion_of_views(logits, flips, label, num_classes):
+  """As `_confusion`, for the arg-max of `mean_probabilities` of several views."""
+  probs = mean_probabilities(logits, flips, label.shape[1:3])
+  return metrics_lib.confusion_matrix_device(jnp.argmax(probs, -1), label, num_classes)
 
 
 def _local(variables):
@@ -51,19 +98,30 @@ def _local(variables):
 def evaluate(config: ml_collections.ConfigDict, seg, variables, desc: str = 'eval') -> dict:
   """mIoU (and 13-class mIoU for 16-class runs) of `variables` on the target validation set."""
   variables = _local(variables)
+  view_list = views(config)
+  flips = tuple(flip for _, flip in view_list)
   num_classes = config.data.num_classes
   cm = np.zeros((num_classes, num_classes), np.int64)
-  for i, example in enumerate(reporting.progress(pipeline.target_val(config), desc=desc,
-                                                 unit='img')):
+  examples = pipeline.target_val(config, config.eval.protocol)
+  for i, example in enumerate(reporting.progress(examples, desc=desc, unit='img')):
     if config.eval.num_images and i >= config.eval.num_images:
       break
-    logits = _logits(seg, variables, example['image'])
-    cm += np.asarray(_confusion(logits, example['label'], num_classes))
+    logits = view_logits(seg, variables, example['image'], view_list)
+    if len(logits) == 1:  # no augmentation: the arg-max of the logits themselves
+      cm += np.asarray(_confusion(logits[0], example['label'], num_classes))
+    else:
+      cm += np.asarray(_confusion_of_views(logits, flips, example['label'], num_classes))
   if jax.process_count() > 1:
     cm = np.asarray(multihost_utils.process_allgather(cm)).sum(0)
   result = metrics_lib.results_dict(cm, label_lib.class_names(num_classes))
   result['confusion_matrix'] = cm.tolist()
   return result
+
+
+def settings(config: ml_collections.ConfigDict) -> dict:
+  """How the scores were computed, recorded next to them in results.json."""
+  return {'protocol': config.eval.protocol, 'flip': bool(config.eval.flip),
+          'scales': [float(s) for s in config.eval.scales]}
 
 
 def image_panels(config: ml_collections.ConfigDict, seg, variables, count: int,
@@ -100,28 +158,53 @@ def image_panels(config: ml_collections.ConfigDict, seg, variables, count: int,
   return panels
 
 
-def best_model_stage(workdir: str) -> str:
-  """The latest training stage with a best checkpoint: self_train, else adapt."""
+def model_stage(workdir: str, selection: str) -> str:
+  """The latest training stage holding the model `selection` picks: self_train, else adapt."""
   for stage in ('self_train', 'adapt'):
-    if checkpointing.StageCheckpoints(os.path.join(workdir, stage)).best_step() is not None:
-      return stage
-  raise FileNotFoundError(f'no trained model in {workdir} (run the adapt stage first)')
+    stage_dir = os.path.join(workdir, stage)
+    if not os.path.isdir(stage_dir):  # opening a manager would create the folders
+      continue
+    ckpts = checkpointing.StageCheckpoints(stage_dir)
+    try:
+      if ckpts.model_step(selection) is not None:
+        return stage
+    finally:
+      ckpts.close()
+  raise FileNotFoundError(f'no trained model in {workdir} (run the adapt stage first, or score '
+                          'a given model with --checkpoint=PATH)')
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluates the best model; writes results, the table, plots and prediction panels."""
+def _load(config: ml_collections.ConfigDict, workdir: str, seg, checkpoint: str | None
+          ) -> tuple[object, dict, str]:
+  """The model to score, its results.json fields and a description."""
+  abstract = train.abstract_variables(config, seg)
+  selection = config.model_selection
+  if checkpoint:
+    variables, info = checkpointing.load_model(checkpoint, selection, abstract, config)
+    fields = {'model_checkpoint': info['checkpoint'], 'model_step': info['step']}
+    if info['selection']:
+      fields['model_selection'] = info['selection']
+    return variables, fields, info['description']
+  stage = model_stage(workdir, selection)
+  ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, stage))
+  try:
+    variables, meta = ckpts.restore_model(selection, abstract)
+  finally:
+    ckpts.close()
+  fields = {'model_stage': stage, 'model_step': meta['step'], 'model_selection': selection}
+  return variables, fields, f'{stage} {selection} step {meta["step"]}'
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None) -> dict:
+  """Evaluates the selected model of `workdir`, or the one at `checkpoint`; writes results, the
+  table, plots and prediction panels."""
   out_dir = os.path.join(workdir, 'eval')
   seg, _ = train.build_models(config, axis_name=None)
-  stage = best_model_stage(workdir)
-  w, h = config.data.input_size
-  abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
-                                             train=False))
-  variables, meta = checkpointing.StageCheckpoints(os.path.join(workdir, stage)).restore_best(abstract)
-  result = evaluate(config, seg, variables, desc=f'eval ({stage} step {meta["step"]})')
-  result.update(model_stage=stage, model_step=meta['step'])
+  variables, fields, model = _load(config, workdir, seg, checkpoint)
+  result = evaluate(config, seg, variables, desc=f'eval ({model})')
+  result.update(fields, **settings(config))
   if reporting.is_writer():
     os.makedirs(out_dir, exist_ok=True)
-    model = f'{stage} step {meta["step"]}'
     with open(os.path.join(out_dir, 'per_class_iou.txt'), 'w') as f:
       f.write(f'{config.data.target} validation, {model}\n{metrics_lib.format_table(result)}\n')
     visualize.plot_class_iou(result['per_class_iou'], os.path.join(out_dir, 'per_class_iou.png'),

@@ -1,6 +1,7 @@
 """The `pseudo_label` stage: confident, spatially plausible labels for the target set (METHOD §6).
 
-The best adapted model predicts each target training image in eval mode; logits are upsampled to
+The adapted model (`config.model_selection`: adapt's best, as the original, or its last) predicts
+each target training image in eval mode; logits are upsampled to
 the input size; pixels with confidence below the threshold and regions of class c smaller than
 N_c pixels (8-connected) become ignore. Labels are written as PNGs, one per image, atomically
 (a killed run leaves at most a temporary file, never a half-written PNG). A cut-off run resumes:
@@ -57,8 +58,10 @@ def region_sizes(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
 
 
 def _provenance(config: ml_collections.ConfigDict, model_meta: dict, sizes: np.ndarray) -> dict:
-  """What the labels depend on: the model (adapt's best) and the labelling settings."""
-  return {'model_step': int(model_meta['step']), 'model_miou': float(model_meta['miou']),
+  """What the labels depend on: the model (adapt's selected one) and the labelling settings."""
+  miou = model_meta.get('miou')  # none for the 'last' model
+  return {'model_step': int(model_meta['step']),
+          'model_miou': None if miou is None else float(miou),
           'threshold': float(config.pseudo.threshold), 'min_region_sizes': sizes.tolist(),
           'input_size': list(config.data.input_size), 'num_classes': config.data.num_classes}
 
@@ -105,7 +108,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   w, h = config.data.input_size
   abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
                                              train=False))
-  variables, meta = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt')).restore_best(abstract)
+  ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt'))
+  try:
+    variables, meta = ckpts.restore_model(config.model_selection, abstract)
+  finally:
+    ckpts.close()
   _start_labelling(out, _provenance(config, meta, sizes))
 
   @jax.jit
@@ -147,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  """results.json has the stage, the labels come from adapt's current best model and settings,
+  """results.json has the stage, the labels come from adapt's current selected model and settings,
   and the PNGs are all there with the right size (headers are read, not whole images)."""
   entry = reporting.read_results(workdir).get('pseudo_label')
   out = label_dir(workdir)
@@ -158,7 +165,7 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
   model = None
   if os.path.isdir(adapt):
     ckpts = checkpointing.StageCheckpoints(adapt)
-    model = ckpts.best_meta()
+    model = ckpts.model_meta(config.model_selection)
     ckpts.close()
   try:
     sizes = region_sizes(config, workdir)

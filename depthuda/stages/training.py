@@ -65,13 +65,18 @@ class _StopRequest:
 
 def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: str,
                       seg) -> dict | None:
-  """Where a stage starts: self_train from adapt's best model, adapt from `init_from` (an
-  ImageNet conversion gives the trunk alone: `train.init_state` initializes the rest)."""
+  """Where a stage starts: self_train from adapt's model (config.model_selection: its best or
+  its last), adapt from `init_from` (an ImageNet conversion gives the trunk alone:
+  `train.init_state` initializes the rest)."""
   w, h = config.data.input_size
   abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, h, w, 3)), train=False))
   if stage == 'self_train':
-    variables, _ = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt')).restore_best(abstract)
+    ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt'))
+    try:
+      variables, _ = ckpts.restore_model(config.model_selection, abstract)
+    finally:
+      ckpts.close()
     return variables
   if config.init_from:
     meta = converted.check_init_from(config)
