@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+import pytest
 
 from tests import main_runs
 
@@ -108,3 +109,47 @@ def test_tensorboard_image_panels_are_written(tmp_path):
   width, height, png = tf.make_ndarray(value.tensor)[:3]
   assert (int(width), int(height)) == (12, 8)
   np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), panel)
+
+
+def test_eval_scores_a_given_checkpoint_and_the_last_model(tmp_path_factory, tmp_path):
+  """`--stage=eval --checkpoint=PATH` scores a model into a fresh workdir as the eval stage
+  scores a run's own; `model_selection=last` scores the final checkpoint."""
+  reference = main_runs.reference_workdir(tmp_path_factory)
+  results = main_runs.results(reference)
+  given = main_runs.start(str(tmp_path / 'given'), '--stage=eval',
+                          f'--checkpoint={reference}/self_train/best')
+  last = main_runs.start(main_runs.copy_stages(reference, str(tmp_path / 'last'),
+                                               ('adapt', 'self_train')),
+                         '--stage=eval', '--config.model_selection=last')
+  wrong = main_runs.start(str(tmp_path / 'wrong'), '--stage=eval',
+                          f'--checkpoint={reference}/pseudo_label')
+  completed = main_runs.finish(given)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  scored = main_runs.results(str(tmp_path / 'given'))['eval']
+  expected = results['eval']
+  assert (expected['model_stage'], expected['model_selection']) == ('self_train', 'best')
+  assert (expected['protocol'], expected['flip'], expected['scales']) == ('native', False, [1.0])
+  for key in ('miou', 'per_class_iou', 'confusion_matrix', 'model_step', 'protocol'):
+    assert scored[key] == expected[key], key
+  assert scored['model_checkpoint'] == os.path.join(reference, 'self_train', 'best')
+  assert sorted(os.listdir(tmp_path / 'given' / 'eval')) == sorted(
+      n for n in os.listdir(os.path.join(reference, 'eval')) if not n.startswith('curves'))
+  # The best model is the one of the best validation mIoU logged in training.
+  val = {r['step']: r['val_miou'] for r in main_runs.metrics(reference, 'self_train')
+         if 'val_miou' in r}
+  assert expected['model_step'] == max(val, key=val.get)
+  assert expected['miou'] == pytest.approx(val[expected['model_step']], abs=1e-9)
+  completed = main_runs.finish(last)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  scored = main_runs.results(str(tmp_path / 'last'))['eval']
+  assert (scored['model_stage'], scored['model_step'], scored['model_selection']) == (
+      'self_train', 4, 'last')
+  assert scored['miou'] == pytest.approx(val[4], abs=1e-9)
+  completed = main_runs.finish(wrong)
+  assert completed.returncode == 1
+  assert main_runs.error_lines(completed) == [
+      f'depthuda: error: --checkpoint={reference}/pseudo_label: not a checkpoint (expected a '
+      'stage folder such as DIR/adapt, its best/ or checkpoints/ folder, one step folder in '
+      'these, or a folder written by depthuda.convert)']
+  completed = main_runs.run(str(tmp_path / 'all'), f'--checkpoint={reference}/adapt')
+  assert completed.returncode == 2 and 'needs --stage=eval' in completed.stderr
