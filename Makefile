@@ -1,6 +1,6 @@
 # depthuda: two commands on a fresh machine with Python 3.11 and pip.
 #   make demo   create .venv, install, run the toy pipeline end to end, print results
-#   make test   create .venv, install with test extras, run the test suite
+#   make test   create .venv, install with the test extra (adds torch), run the test suite
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,18 +9,27 @@ WORKDIR ?= runs/toy
 
 .PHONY: demo test install clean
 
-$(VENV)/.installed: pyproject.toml
+# `demo` installs depthuda alone; `test` adds the test extra (pytest and the CPU build of torch,
+# the reference the tests compare with).
+$(VENV)/.venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.venv
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.venv
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m depthuda.main --config=configs/toy.py --workdir=$(WORKDIR)
 
-test: install
+test: $(VENV)/.installed-test
 	$(PY) -m pytest tests
 
 clean:

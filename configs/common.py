@@ -2,6 +2,8 @@
 
 Experiment files (`configs/<experiment>.py`) call `get_base_config()` and override what differs;
 the numbers here are the original's (METHOD.md §1-§7 in the project's notes, BUILD_NOTES.md).
+The base declares every field a config may have: depthuda checks each config against it (names,
+types, allowed values; depthuda/config_files.py) before it starts any work.
 """
 
 import ml_collections
@@ -54,7 +56,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 16
   c.data.input_size = (1280, 760)   # (W, H)
   c.data.label_size = (2048, 1024)  # (W, H) of the evaluation labels.
-  c.data.toy = False
+  c.data.toy = False  # True: generate the toy benchmark's datasets (configs/toy.py) if missing
+  # The sizes of the generated toy datasets (used only with data.toy).
+  c.data.toy_num_source = 200
+  c.data.toy_num_target_train = 100
+  c.data.toy_num_target_val = 40
+  c.data.toy_num_target_test = 4
+  c.data.toy_source_size = (320, 190)  # (W, H) of the generated source images
   c.data.cache_decoded = False
   c.data.shuffle_buffer = 512
 

@@ -53,7 +53,8 @@ def quiet_failed_saves() -> None:
   """For command lines: a failed write (a full disk) is raised again where a save is waited
   for, and reported there in one line. Orbax's saving thread also logs it with a traceback,
   asyncio logs the write tasks that failed with it, and TensorStore reports each pending write
-  to Orbax's closed event loop: all of these go."""
+  to Orbax's closed event loop: all of these go. They are recognised by the libraries' logger
+  names and texts; the full-disk run of tests/test_errors.py (no traceback) pins them."""
   logging.get_absl_handler().addFilter(_NoSaveTracebacks())
   default_hook = sys.unraisablehook
 

@@ -10,13 +10,12 @@ Orbax (replacing what is there) and what they are to `OUTPUT/metadata.json`
 (`depthuda.converted`). From the ImageNet file only the ResNet trunk is kept: the runs that
 start from it initialize the classifier and heads themselves, so the one folder serves every
 experiment, 16 or 7 classes. Needs torch: `pip install 'depthuda[torch]'`. Bad input ends with a
-one-line error and exit status 1.
+one-line error and exit status 1, a bad command line with exit status 2.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 
 from depthuda import checkpointing
+from depthuda import cli
 from depthuda import converted
 from depthuda import models
 
@@ -64,7 +64,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}', cli.USAGE)
   try:
     state_dict = load_torch_state_dict(_TORCH_CHECKPOINT.value)
     variables = models.from_torch_state_dict(state_dict, num_classes=_NUM_CLASSES.value)
@@ -80,11 +80,11 @@ def main(argv: list[str]) -> None:
                               source=os.path.abspath(_TORCH_CHECKPOINT.value))
     checkpointing.save_variables(_OUTPUT.value, variables, meta)
   except (ImportError, OSError, ValueError) as e:
-    sys.exit(f'error: {e}'.replace('\n', ' '))
+    cli.fail(str(e), cli.INPUT)
   count = sum(x.size for x in jax.tree.leaves(params))
   print(f'wrote {os.path.abspath(_OUTPUT.value)}: {what}, ResNet layers {layers}, width '
         f'{width}, {count:,} parameters')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -26,7 +26,8 @@ def write_failure(path: str, error: BaseException) -> InputError | None:
   """An InputError naming `path` if `error` is a failed write (disk full, no permission, ...).
 
   Orbax reports the operating system's error inside a ValueError from TensorStore
-  ("... [os_error_code='28']"); plain OSErrors carry errno.
+  ("... [os_error_code='28']"); plain OSErrors carry errno. A full disk cannot be checked for
+  up front; tests/test_errors.py (the full-disk run) pins the TensorStore text.
   """
   code = getattr(error, 'errno', None) if isinstance(error, OSError) else None
   if code is None:

@@ -18,17 +18,17 @@ culprit; 2 a bad command line or config file; 128 + N stopped by signal N (SIGTE
 Ctrl-C: 130), after saving a checkpoint.
 """
 
+import functools
 import os
-import re
 import signal
 import sys
 import tempfile
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from depthuda import cli
 from depthuda.errors import InputError
 from depthuda.errors import Interrupted
 
@@ -57,43 +57,6 @@ _CHECKPOINT = flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _fail(message: str, status: int) -> None:
-  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-  message = lines[0] if len(lines) < 3 else f'{lines[0]} {lines[-1]}'  # a traceback's last line
-  print(f'depthuda: error: {message}', file=sys.stderr)
-  sys.exit(status)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every error on one line (a mistyped --config.<field> included)."""
-  try:
-    rest = flags.FLAGS(argv)
-    _CONFIG.value.get('seed')  # Loads the config file now, so that a missing one fails here.
-    return rest
-  except flags.Error as e:
-    _fail(str(e), 2)
-  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
-    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    if not overrides:
-      _fail(f'--config={_config_file(argv)}: {e}', 2)
-    typo = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e))
-    key = typo.group(2) if typo else re.search(r'\w+', str(e)).group(0)
-    culprit = next((a for a in overrides if key in a.split('.')), overrides[0])
-    _fail(f'{culprit}: no such config field' + (f' (did you mean {typo.group(1)}?)' if typo
-                                                 else ''), 2)
-  except Exception as e:  # pylint: disable=broad-except  # Whatever the config file raised.
-    _fail(f'--config={_config_file(argv)}: {str(e).strip().splitlines()[-1].strip()}', 2)
-
-
-def _config_file(argv: list[str]) -> str:
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return '?'
-
-
 def _raise_interrupted(signum, frame):
   del frame
   name = signal.Signals(signum).name
@@ -119,12 +82,13 @@ def _write_config(workdir: str, config) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}', cli.USAGE)
   if _CHECKPOINT.value is not None and _STAGE.value != 'eval':
-    _fail(f'--checkpoint={_CHECKPOINT.value} needs --stage=eval (it scores a given model)', 2)
+    cli.fail(f'--checkpoint={_CHECKPOINT.value} needs --stage=eval (it scores a given model)',
+             cli.USAGE)
   for sig in (signal.SIGTERM, signal.SIGINT):  # Stages that checkpoint replace these.
     signal.signal(sig, _raise_interrupted)
-  logging.set_verbosity(logging.WARNING)
+  cli.configure_logging()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ notes and warnings
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
@@ -158,9 +122,9 @@ def main(argv):
     print(f'depthuda: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
   except InputError as e:
-    _fail(str(e), 1)
+    cli.fail(str(e), cli.INPUT)
   except OSError as e:
-    _fail(f'{e.strerror}: {e.filename}' if e.strerror and e.filename else str(e), 1)
+    cli.fail(f'{e.strerror}: {e.filename}' if e.strerror and e.filename else str(e), cli.INPUT)
   if reporting.is_writer() and _STAGE.value in ('all', 'eval'):
     from depthuda import evaluate
     results = reporting.read_results(workdir)
@@ -180,4 +144,4 @@ def _initialize_distributed(jax) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, config=_CONFIG))

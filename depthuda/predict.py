@@ -39,7 +39,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from depthuda import checkpointing
+from depthuda import cli
 from depthuda import losses
 from depthuda import reporting
 from depthuda import train
@@ -261,8 +261,8 @@ def predict_images(config, seg, variables, paths: Sequence[pathlib.Path], output
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it opens at INFO.
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}', cli.USAGE)
+  cli.configure_logging()
   try:
     config = _CONFIG.value
     if _WORKDIR.value is None and _CHECKPOINT.value is None:
@@ -277,11 +277,10 @@ def main(argv: Sequence[str]) -> None:
     predict_images(config, seg, variables, paths, _OUTPUT.value, _BATCH_SIZE.value,
                    desc=f'predict ({source})')
   except (InputError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-    print(f'depthuda: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e), cli.INPUT)
   print(f'depthuda: wrote {5 * len(paths)} PNGs for {len(paths)} images to {_OUTPUT.value}',
         file=sys.stderr)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, config=_CONFIG))

@@ -1,4 +1,4 @@
-"""What a stage reports: metrics.jsonl, TensorBoard events, results.json and a progress bar.
+"""What a stage reports: metrics.jsonl, TensorBoard events, results.json and its progress.
 
 Only process 0 writes. On restart `metrics.jsonl` is cut back to the resumed checkpoint's step
 (dropping what a killed run logged after it, including a half-written last line), so a resumed
@@ -8,6 +8,7 @@ run's file equals an uninterrupted run's line for line. Non-finite values are wr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -17,6 +18,8 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 import tqdm
+
+log = logging.getLogger('depthuda')
 
 
 def is_writer() -> bool:
@@ -131,12 +134,93 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if _step(line) is not None]
 
 
+class Progress:
+  """A long loop's progress on process 0: a tqdm bar on a terminal, plain lines in a log.
+
+  Where stderr is not a terminal (a batch job's log file), no bar is drawn: an INFO line of
+  logger `depthuda` gives `<desc>: <unit> <done>/<total>, <rate> <unit>/s, ETA <h:mm:ss>` at most
+  every `log_seconds`, and `<desc>: <unit> <done>/<total>, <rate> <unit>/s, done` when the loop
+  ends. `log(text)` writes such a line at once, with `text` after the count (the training
+  loop's losses; it passes log_seconds=None), on a terminal above the bar. The total defaults to
+  len(iterable); the rate and ETA are over the steps since the last line.
+  """
+
+  def __init__(self, iterable: Iterable | None = None, total: int | None = None,
+               initial: int = 0, desc: str = '', unit: str = 'step',
+               log_seconds: float | None = 60.0):
+    if total is None and hasattr(iterable, '__len__'):
+      total = len(iterable)
+    self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+    self.count = initial
+    self._log_seconds = log_seconds
+    self._mark = (time.perf_counter(), initial)  # (time, count) of the last line
+    self._logged = True  # nothing new since the last line
+    self._bar = None
+    if is_writer() and sys.stderr.isatty():
+      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                            dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+
+  def __iter__(self):
+    for item in self.iterable:
+      yield item
+      self.update(1)
+    self.close()
+
+  def update(self, n: int = 1) -> None:
+    self.count += n
+    self._logged = False
+    if self._bar is not None:
+      self._bar.update(n)
+    elif (self._log_seconds is not None
+          and time.perf_counter() - self._mark[0] >= self._log_seconds):
+      self.log()
+
+  def log(self, text: str = '', finished: bool = False) -> None:
+    """One INFO line: the count, `text`, the rate and ETA (or `done`) since the last line."""
+    if not is_writer():
+      return
+    now = time.perf_counter()
+    rate = (self.count - self._mark[1]) / max(now - self._mark[0], 1e-9)
+    self._mark, self._logged = (now, self.count), True
+    done = f'{self.count}/{self.total}' if self.total is not None else f'{self.count}'
+    line = f'{self.desc}: {self.unit} {done}' + (f', {text}' if text else '')
+    line += f', {rate:.3g} {self.unit}/s'
+    if finished:
+      line += ', done'
+    elif self.total is not None and rate > 0:
+      line += f', ETA {_duration((self.total - self.count) / rate)}'
+    if self._bar is not None:
+      with self._bar.external_write_mode():
+        log.info(line)
+    else:
+      log.info(line)
+
+  def write(self, message: str) -> None:
+    """A warning that does not break the bar."""
+    if self._bar is not None:
+      with self._bar.external_write_mode():
+        log.warning(message)
+    else:
+      log.warning(message)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    elif not self._logged and self._log_seconds is not None:
+      self.log(finished=True)
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}'
+
+
 def progress(iterable: Iterable | None = None, total: int | None = None, initial: int = 0,
-             desc: str = '', unit: str = 'step') -> tqdm.tqdm:
-  """A progress bar with rate and ETA on stderr (silent on processes other than 0)."""
-  return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit,
-                   disable=not is_writer(), file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0, smoothing=0.1)
+             desc: str = '', unit: str = 'step') -> Progress:
+  """The progress of a loop with rate and ETA (silent on processes other than 0)."""
+  return Progress(iterable, total=total, initial=initial, desc=desc, unit=unit)
 
 
 class Timer:

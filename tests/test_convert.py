@@ -271,7 +271,7 @@ def test_convert_cli(conversions, state_dict, tmp_path):
   assert 'Traceback' not in result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1
-  assert lines[0].startswith('error: ') and 'has 3 classes, not num_classes=4' in lines[0]
+  assert lines[0].startswith('depthuda: error: ') and 'has 3 classes, not num_classes=4' in lines[0]
   assert not (tmp_path / 'bad').exists()
 
 

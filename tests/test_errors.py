@@ -8,6 +8,8 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -216,12 +218,104 @@ def _assert_one_line_error(completed, pattern):
 @pytest.mark.parametrize('override, pattern', [
     ('--config.adapt.num_stepz=3',
      r'depthuda: error: --config.adapt.num_stepz: no such config field '
-     r'\(did you mean num_steps\?\)'),
-    ('--config.batch_size=two', r"depthuda: error: flag --config.batch_size=two: .*'two'")])
+     r'\(did you mean adapt.num_steps\?\)'),
+    ('--config.batch_size=two', r"depthuda: error: flag --config.batch_size=two: .*'two'"),
+    ('--config.model.bn_mode=frozn', r"depthuda: error: --config.model.bn_mode='frozn': expected "
+     r"one of train, frozen \(did you mean frozen\?\)"),
+    ('--config.compute_dtype=bf16', r"depthuda: error: --config.compute_dtype='bf16': expected "
+     r"one of float32, bfloat16 \(did you mean bfloat16\?\)"),
+    ('--config.batch_size=0', r'depthuda: error: --config.batch_size=0: expected a positive number'),
+    ('--config.data.input_size=(64,)', r'depthuda: error: --config.data.input_size=\(64,\): '
+     r'expected \(width, height\), positive'),
+    ('--config.loss.class_weights=(1.0,2.0)', r'depthuda: error: --config.loss.class_weights has '
+     r'2 entries for data.num_classes=7')])
 def test_mistyped_config_override(override, pattern, tmp_path):
   completed = main_runs.run(str(tmp_path / 'work'), override)
   _assert_one_line_error(completed, pattern)
   assert completed.returncode == 2 and not os.path.exists(tmp_path / 'work')
+
+
+def _main_elsewhere(cwd, *args):
+  """`python -X importtime -m depthuda.main ARGS` run in `cwd`, outside the repository."""
+  env = dict(main_runs.ENV, PYTHONPATH=main_runs.ROOT)
+  return subprocess.run([sys.executable, '-X', 'importtime', '-m', 'depthuda.main', *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _imported(completed) -> set[str]:
+  return {line.split('|')[-1].strip() for line in completed.stderr.splitlines()
+          if line.startswith('import time:')}
+
+
+@pytest.mark.parametrize('body, pattern', [
+    ('c.adapt.num_step = 5', r'adapt.num_step: no such config field '
+                             r'\(did you mean adapt.num_steps\?\)'),
+    ('c.model.bn_mode = "frozn"', r"model.bn_mode='frozn': expected one of train, frozen.*"),
+    ('c.data.input_size = (0, 40)', r'data.input_size=\(0, 40\): expected \(width, height\), '
+                                    r'positive'),
+    ('del c.gmm["tol"]', r'gmm.tol: missing \(derive the config from configs/common.py '
+                         r'get_base_config\(\)\)'),
+    ('c.seed = 1 / 0', r'ZeroDivisionError: division by zero')])
+def test_bad_config_file_from_another_directory(body, pattern, tmp_path):
+  """A config file outside the repository imports the shipped ones (`from configs import
+  test`); its mistakes are one line and exit status 2, found before JAX or TensorFlow loads."""
+  path = tmp_path / 'mine' / 'exp.py'
+  os.makedirs(path.parent)
+  path.write_text('from configs import test\n\n\ndef get_config():\n'
+                  f'  c = test.get_config()\n  {body}\n  return c\n')
+  completed = _main_elsewhere(tmp_path, '--config=mine/exp.py', '--workdir=work')
+  _assert_one_line_error(completed, rf'depthuda: error: --config={re.escape(str(path))}: {pattern}')
+  assert completed.returncode == 2 and not os.path.exists(tmp_path / 'work')
+  imported = _imported(completed)
+  assert 'depthuda.config_files' in imported
+  assert not imported & {'jax', 'tensorflow', 'flax', 'orbax'}, imported & {'jax', 'tensorflow'}
+
+
+def test_shipped_configs_are_found_from_another_directory(tmp_path):
+  """`--config=configs/toy.py` outside a checkout is the shipped toy config (a bad override
+  proves it loaded); a name that is not shipped lists those that are."""
+  completed = _main_elsewhere(tmp_path, '--config=configs/toy.py', '--workdir=work',
+                              '--config.model.bn_mode=frozen', '--config.nonfinite=no')
+  _assert_one_line_error(completed, r"depthuda: error: --config.nonfinite='no': expected one of "
+                                    r'stop, skip')
+  completed = _main_elsewhere(tmp_path, '--config=configs/toys.py', '--workdir=work')
+  _assert_one_line_error(completed, r'depthuda: error: --config=configs/toys.py: no such file '
+                                    r'\(shipped configs: .*toy.py.*\)')
+  assert completed.returncode == 2 and not _imported(completed) & {'jax', 'tensorflow'}
+
+
+@pytest.mark.parametrize('command, pattern', [
+    (['depthuda.main', '--config=configs/test.py'],
+     r'depthuda: error: .*--workdir must have a value.*'),
+    (['depthuda.main', '--config=configs/test.py', '--workdir=w', 'extra'],
+     r'depthuda: error: unexpected arguments: extra'),
+    (['depthuda.predict', '--input=x', '--output=y', '--config=configs/test.py',
+      '--config.gmm.tol=-1'], r"depthuda: error: --config.gmm.tol=-1(.0)?: expected zero or more"),
+    (['depthuda.convert', '--output=out'],
+     r'depthuda: error: .*--torch_checkpoint must have a value.*')])
+def test_usage_errors_of_every_command(command, pattern, tmp_path):
+  """main, predict and convert: one `depthuda: error:` line and exit status 2; --help exits 0."""
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], cwd=tmp_path,
+                                     env=dict(main_runs.ENV, PYTHONPATH=main_runs.ROOT),
+                                     capture_output=True, text=True, timeout=120)
+  completed = run(*command)
+  _assert_one_line_error(completed, pattern)
+  assert completed.returncode == 2
+  completed = run(command[0], '--help')
+  assert completed.returncode == 0 and '--' + ('workdir' if 'main' in command[0] else 'output') in (
+      completed.stdout), completed.stderr[-2000:]
+
+
+def test_tensorflow_error_text_that_messages_are_cut_from():
+  """Pins the TensorFlow message format `pipeline._tf_message` trims: a function-node prefix
+  and an `[Op:...]` suffix around the reason (a TensorFlow upgrade that changes it fails here)."""
+  import tensorflow as tf
+  with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+    tf.io.decode_png(b'not a png')
+  text = str(raised.value)
+  assert text.startswith('{{function_node ') and text.endswith(' [Op:DecodePng]'), text
+  reason = pipeline._tf_message(raised.value)
+  assert reason and reason in text and '{{' not in reason and '[Op:' not in reason, reason
 
 
 def _limit_file_size(kilobytes, command):
@@ -251,7 +345,7 @@ def failing_runs(tmp_path_factory):
 
   no_gmm = ('--config.loss.lambda_bal_src=0', '--config.loss.lambda_bal_tgt=0')
   start('nonfinite', '--stage=adapt', '--config.optim.lr=1e30',
-        '--config.checkpoint_every_steps=1', *no_gmm)
+        '--config.checkpoint_every_steps=1', '--verbosity=-1', *no_gmm)
   start('full disk', '--stage=adapt', '--config.checkpoint_every_steps=1', *no_gmm,
         wrap=lambda command: _limit_file_size(100, command))
   start('missing dataset', '--stage=fit_gmm', '--config.data.toy=False',
@@ -267,6 +361,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(failing_runs):
                          r'in .*/adapt/checkpoints; --config.nonfinite=skip skips such steps\)')
   assert main_runs.checkpoint_steps(workdir, 'adapt') == [1]
   assert [m['step'] for m in main_runs.metrics(workdir, 'adapt')] == [1]
+  # --verbosity=-1: warnings and errors only, not the line of logged step 1.
+  assert not re.search(r'^I\d{4} .*adapt: step 1/', completed.stderr, flags=re.M)
   assert open(os.path.join(workdir, 'results.json')).read() == before
 
 

@@ -3,6 +3,7 @@ INTERFACE.md; a second `--stage=all` finds everything complete and does nothing.
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,29 @@ def test_all_stages_write_the_documented_outputs(tmp_path_factory):
   assert len(os.listdir(os.path.join(workdir, 'pseudo_label', 'labels'))) == 6 + 1  # provenance
 
 
+def test_log_file_gets_one_plain_line_per_log_step(tmp_path_factory):
+  """stderr not a terminal (a batch job's log): no progress-bar redraws; an INFO line per
+  logged step with the step, every loss, the learning rate, the rate and the ETA; every other
+  long phase ends with its count against its total."""
+  stderr = main_runs.reference_run(tmp_path_factory).stderr
+  assert '\r' not in stderr and '%|' not in stderr
+  lines = [line.split('] ', 1)[1] for line in stderr.splitlines()
+           if line.startswith('I') and '] ' in line]
+  number = r'-?[\d.]+(e[-+]\d+)?|nan|inf'
+  for stage, losses in LOSSES.items():
+    steps = main_runs.results(main_runs.reference_workdir(tmp_path_factory))[stage]['steps']
+    logged = [line for line in lines if line.startswith(f'{stage}: step ')]
+    assert [int(re.match(rf'{stage}: step (\d+)/{steps}, ', line)[1]) for line in logged] == list(
+        range(1, steps + 1)), logged
+    for line in logged:
+      fields = dict(re.findall(rf'(\w+)=({number})\b', line))
+      assert set(losses) | {'loss', 'lr'} <= set(fields), line
+      assert re.search(r', [\d.e+-]+ step/s, (ETA \d+:\d\d:\d\d|done)$', line), line
+  for phase in (r'fit_gmm: scan: batch (\d+)/\1', r'fit_gmm: EM: iter \d+/20',
+                r'pseudo_label: img 6/6', r'adapt eval @4: img 3/3', r'eval \(self_train step \d+\): img 3/3'):
+    assert any(re.match(phase + r', [\d.e+-]+ \w+/s, done$', line) for line in lines), (phase, lines)
+
+
 def _tensorboard_tags(directory: str) -> set[str]:
   import tensorflow as tf
   tags = set()
@@ -66,7 +90,7 @@ def _tensorboard_tags(directory: str) -> set[str]:
 def test_help_lists_stages_and_common_fields():
   completed = subprocess.run([sys.executable, '-m', 'depthuda.main', '--help'], cwd=main_runs.ROOT,
                              env=main_runs.ENV, capture_output=True, text=True, timeout=120)
-  assert 'Traceback' not in completed.stderr  # (absl's --help exits with status 1)
+  assert completed.returncode == 0 and 'Traceback' not in completed.stderr
   for word in ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval', '--workdir',
                'batch_size', 'init_from', 'data.source_dir', 'adapt.num_steps'):
     assert word in completed.stdout, word

@@ -13,6 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from depthuda import config_files
 from tests import main_runs
 
 README = os.path.join(main_runs.ROOT, 'README.md')
@@ -33,8 +34,9 @@ def _commands() -> list[str]:
   for block in blocks:
     for line in block.replace('\\\n', ' ').splitlines():
       line = line.split('  #')[0].strip()
-      if line and not line.startswith(('@', 'depthuda:', '}', 'title', 'author', 'booktitle',
-                                       'year')):
+      log_line = re.match(r'[IWEF]\d{4} ', line)  # absl's prefix: an example of the logs
+      if line and not log_line and not line.startswith(('@', 'depthuda:', '}', 'title', 'author',
+                                                        'booktitle', 'year')):
         commands.append(line)
   return commands
 
@@ -163,6 +165,20 @@ def test_every_config_says_how_to_run_it_and_what_to_expect(name):
   assert re.search(r'Expected', doc) and re.search(r'\d+ (minutes|min|h)\b', doc), doc
   config = _config(os.path.join('configs', name))  # and it loads
   assert config.data.num_classes in (7, 16)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_loads_from_anywhere_and_passes_the_check(name, tmp_path, monkeypatch):
+  """What `--config=/abs/path/configs/<name>` does from another directory: the file's
+  `from configs import ...` finds its siblings, and every field passes the base config's check."""
+  monkeypatch.chdir(tmp_path)
+  path = config_files.resolve(os.path.join(main_runs.ROOT, 'configs', name))
+  config = config_files.load(path)
+  config_files.check(config, config_files.base_config(), lambda field: f'{name}: ')
+  assert config.to_dict() == _config(os.path.join('configs', name)).to_dict()
+  with pytest.raises(config_files.ConfigError, match=r'data.num_classes=8: expected one of 7, 16'):
+    config.data.num_classes = 8
+    config_files.check(config, config_files.base_config(), lambda field: '')
 
 
 @pytest.mark.parametrize('name', [n for n in CONFIGS if n != 'test.py'])  # test.py: a fixture

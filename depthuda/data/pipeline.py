@@ -209,7 +209,8 @@ def _example_file(config: ml_collections.ConfigDict, example: dict, key: str | N
 
 
 def _tf_message(error: Exception) -> str:
-  """The first line of a TensorFlow error, without its op and function decorations."""
+  """The first line of a TensorFlow error, without its op and function decorations (the
+  format is pinned by tests/test_errors.py)."""
   message = str(getattr(error, 'message', error)).strip()
   if 'Summarized data: ' in message:  # a failed tf.debugging.Assert: its data is the message
     parts = message.split('Summarized data: ', 1)[1].splitlines()
@@ -353,14 +354,35 @@ def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: str, *,
   return _train_stream(config, examples, decode, _PSEUDO, start_step, finish, label_dir)
 
 
-def _one_pass(config: ml_collections.ConfigDict, examples: tf.data.Dataset, decode: Callable,
-              batch: int) -> Iterator[dict]:
-  ds = examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  for example in _named_errors(ds.batch(batch).prefetch(2).as_numpy_iterator(), examples, decode,
-                               functools.partial(_example_file, config)):
-    if 'name' in example:
-      example['name'] = example['name'][0].decode()
-    yield example
+class _Pass:
+  """The batches of one pass, which know their number (progress totals and ETAs)."""
+
+  def __init__(self, batches: Iterator[dict], length: int):
+    self._batches, self._length = batches, length
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._batches)
+
+  def __len__(self) -> int:
+    return self._length
+
+
+def _one_pass(config: ml_collections.ConfigDict, examples: _Examples, decode: Callable,
+              batch: int) -> _Pass:
+  stored = examples.read(None)
+  ds = stored.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def batches():
+    for example in _named_errors(ds.batch(batch).prefetch(2).as_numpy_iterator(), stored, decode,
+                                 functools.partial(_example_file, config)):
+      if 'name' in example:
+        example['name'] = example['name'][0].decode()
+      yield example
+
+  return _Pass(batches(), -(-examples.num_examples // batch))
 
 
 def target_images(config: ml_collections.ConfigDict, split: str) -> Iterator[dict]:
@@ -374,7 +396,7 @@ def target_images(config: ml_collections.ConfigDict, split: str) -> Iterator[dic
     raise InputError(f'unknown target split {split!r}; expected one of {sorted(_TARGET_SPLITS)}')
   target = _target(config)
   decode = lambda ex: {'image': target.image(ex)[0], 'name': target.name(ex)}
-  return _one_pass(config, target.examples(_TARGET_SPLITS[split], False).read(None), decode, 1)
+  return _one_pass(config, target.examples(_TARGET_SPLITS[split], False), decode, 1)
 
 
 EVAL_PROTOCOLS = ('input_size', 'native')
@@ -398,7 +420,7 @@ def target_val(config: ml_collections.ConfigDict, protocol: str = 'native') -> I
     raise InputError(f'config.data.num_classes: {e}') from None
   decode = lambda ex: {'image': target.image(ex)[0], 'label': target.label(ex, table, protocol),
                        'name': target.name(ex)}
-  return _one_pass(config, target.examples('validation', False).read(None), decode, 1)
+  return _one_pass(config, target.examples('validation', False), decode, 1)
 
 
 def source_grid_points(config: ml_collections.ConfigDict, grid_hw: tuple[int, int], *,
@@ -410,5 +432,5 @@ def source_grid_points(config: ml_collections.ConfigDict, grid_hw: tuple[int, in
   per-process batch), smaller for the last batch. Images are not decoded.
   """
   decode = _source_maps(config, grid_hw)
-  ds = _read(_source_builder(config), _shard('train', drop_remainder=False))
-  return _one_pass(config, ds, decode, batch_size or _batch_per_process(config))
+  examples = _tfds_examples(_source_builder(config), 'train', drop_remainder=False)
+  return _one_pass(config, examples, decode, batch_size or _batch_per_process(config))

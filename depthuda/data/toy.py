@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 
@@ -178,7 +179,8 @@ def generate(source_dir: str, target_dir: str, *, seed: int = 0, num_source: int
        lambda root, bar: _write_target(root, seed, counts, target_size, bar))]
   todo = [d for d in domains if not os.path.isdir(d[0]) or _is_stale(d[0], d[1])]
   if todo:
-    with tqdm.tqdm(total=sum(d[2] for d in todo), desc='toy data', unit='image') as bar:
+    with tqdm.tqdm(total=sum(d[2] for d in todo), desc='toy data', unit='image',
+                   disable=not sys.stderr.isatty()) as bar:  # no bar redraws in a log file
       for path, manifest, _, write in todo:
         _write(path, manifest, write, bar)
   return [d[0] for d in todo]

@@ -14,6 +14,7 @@ or any checkpoint a user names (`checkpointing.load_model`).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import jax
@@ -103,9 +104,9 @@ def evaluate(config: ml_collections.ConfigDict, seg, variables, desc: str = 'eva
   num_classes = config.data.num_classes
   cm = np.zeros((num_classes, num_classes), np.int64)
   examples = pipeline.target_val(config, config.eval.protocol)
-  for i, example in enumerate(reporting.progress(examples, desc=desc, unit='img')):
-    if config.eval.num_images and i >= config.eval.num_images:
-      break
+  total = min(config.eval.num_images or len(examples), len(examples))  # 0: all of them
+  for example in reporting.progress(itertools.islice(examples, total), total=total, desc=desc,
+                                    unit='img'):
     logits = view_logits(seg, variables, example['image'], view_list)
     if len(logits) == 1:  # no augmentation: the arg-max of the logits themselves
       cm += np.asarray(_confusion(logits[0], example['label'], num_classes))

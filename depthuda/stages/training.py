@@ -2,7 +2,8 @@
 
 Both stages share the loop: build the mesh and state, restore the latest checkpoint if any,
 stream process-local batches from the step where the checkpoint left off, run the jitted
-sharded step, log on log steps, evaluate on eval steps (keeping the best model), checkpoint.
+sharded step, log on log steps (metrics.jsonl, TensorBoard, and an INFO line with the losses,
+learning rates, steps/s and ETA), evaluate on eval steps (keeping the best model), checkpoint.
 
 Faults: a run killed at any moment continues from its latest complete checkpoint, and since the
 state, the RNG and the data position are all restored, it logs exactly what an uninterrupted run
@@ -169,7 +170,7 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
 
   log = reporting.MetricsLog(stage_dir, start_step=start)
   stream = batches(start)
-  bar = reporting.progress(total=num_steps, initial=start, desc=stage)
+  bar = reporting.Progress(total=num_steps, initial=start, desc=stage, log_seconds=None)
   pending = []  # (step, metrics on device) not checked yet: fetched only when needed
   try:
     with _StopRequest() as stop:
@@ -188,7 +189,7 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
         pending = []
         if log_now:
           log.scalars(done, values)
-          bar.set_postfix(loss=f"{float(values['loss']):.3f}")
+          bar.log(' '.join(f'{k}={float(v):.4g}' for k, v in sorted(values.items())))
         if eval_now:
           variables = {'params': state.params, 'batch_stats': state.batch_stats}
           result = evaluation.evaluate(config, seg, variables, desc=f'{stage} eval @{done}')
