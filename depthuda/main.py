@@ -13,6 +13,10 @@ Outputs: DIR/results.json, DIR/<stage>/metrics.jsonl, DIR/eval/*.png, TensorBoar
 `--stage=eval --checkpoint=PATH` scores a given model (a stage folder, its best/ or a step folder,
 or a folder written by depthuda.convert) into DIR without training anything.
 
+The config and its overrides are checked against configs/common.py's base config before any
+work (depthuda/config_files.py). Progress: bars on a terminal, else an INFO line per logged
+training step and per minute of the other long phases; `--verbosity=-1` hides them.
+
 Exit status: 0 done; 1 bad input (data, files, settings), with a one-line message naming the
 culprit; 2 a bad command line or config file; 128 + N stopped by signal N (SIGTERM: 143,
 Ctrl-C: 130), after saving a checkpoint.

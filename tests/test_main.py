@@ -63,7 +63,7 @@ def test_log_file_gets_one_plain_line_per_log_step(tmp_path_factory):
   assert '\r' not in stderr and '%|' not in stderr
   lines = [line.split('] ', 1)[1] for line in stderr.splitlines()
            if line.startswith('I') and '] ' in line]
-  number = r'-?[\d.]+(e[-+]\d+)?|nan|inf'
+  number = r'-?[\d.]+(?:e[-+]\d+)?|nan|inf'
   for stage, losses in LOSSES.items():
     steps = main_runs.results(main_runs.reference_workdir(tmp_path_factory))[stage]['steps']
     logged = [line for line in lines if line.startswith(f'{stage}: step ')]
