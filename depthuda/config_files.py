@@ -153,6 +153,7 @@ _CHOICES = {
     'data.source': ('synthia',),
     'data.target': ('cityscapes', 'mapillary'),
     'data.num_classes': (7, 16),
+    'eval.protocol': ('native', 'input_size'),
 }
 _RULES = {
     **{name: (_positive, 'a positive number') for name in (
