@@ -1,7 +1,6 @@
 """Shapes, sizes and initialization of the networks (PyTorch parity is in test_convert.py)."""
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -154,65 +153,3 @@ def test_discriminator_parity():
     expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
   actual = models.Discriminator(ndf=8).apply({'params': params}, x)
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.max(np.abs(expected)))
-
-
-def _conv(x, kernel, stride=1, dilation=1):
-  pad = dilation * (kernel.shape[0] // 2)
-  return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest')
-
-
-@pytest.mark.parametrize('stride', [1, 2])
-def test_conv1x1_equals_convolution_with_gradients(stride):
-  x = jax.random.normal(jax.random.key(1), (2, 9, 7, 8))
-  layer = models.resnet.Conv1x1(16, strides=stride)
-  params = layer.init(jax.random.key(0), x)['params']
-  def ours(kernel, x):
-    return jnp.sum(jnp.sin(layer.apply({'params': {'kernel': kernel}}, x)))
-  def reference(kernel, x):
-    return jnp.sum(jnp.sin(_conv(x, kernel, stride)))
-  got = jax.value_and_grad(ours, argnums=(0, 1))(params['kernel'], x)
-  want = jax.value_and_grad(reference, argnums=(0, 1))(params['kernel'], x)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_aspp_equals_sum_of_dilated_convolutions_with_gradients():
-  x = jax.random.normal(jax.random.key(1), (2, 13, 27, 6))  # 13 rows: dilation 18, 24 taps fall off
-  layer = models.deeplab.ASPPClassifier(num_classes=5)
-  params = layer.init(jax.random.key(0), x)['params']
-  params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(2), p.shape), params)
-  def ours(params, x):
-    return jnp.sum(jnp.sin(layer.apply({'params': params}, x)))
-  def reference(params, x):
-    out = sum(_conv(x, params[f'conv{i}']['kernel'], dilation=d) + params[f'conv{i}']['bias']
-              for i, d in enumerate(models.deeplab.ASPP_DILATIONS))
-    return jnp.sum(jnp.sin(out))
-  got = jax.value_and_grad(ours, argnums=(0, 1))(params, x)
-  want = jax.value_and_grad(reference, argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_conv1x1_kernel_gradient_is_not_written_transposed():
-  """The 1x1 kernel gradient x^T g reads BatchNorm's backward output in place (XLA CPU).
-
-  Contracting a 4-D x over its last axis made XLA write g out transposed, with BatchNorm's
-  backward pass fused into that strided copy: 12% of a 321x321 ResNet-101 step.
-  """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.BatchNorm(use_running_average=False)(models.resnet.Conv1x1(16)(x))
-  block, x = Block(), jnp.ones((1, 9, 9, 8))
-  variables = block.init(jax.random.key(0), x)
-  def loss(params):
-    y, _ = block.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                       mutable=['batch_stats'])
-    return jnp.sum(jnp.sin(y))
-  hlo = jax.jit(jax.grad(loss)).lower(variables['params']).compile().as_text()
-  moved = [line.strip() for line in hlo.splitlines()
-           if re.search(r'= \S+ (transpose|copy)\(', line)]
-  assert not moved, moved

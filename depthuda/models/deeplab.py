@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthuda.models.resnet import CONV_INIT, CONV_INITS, Conv1x1, channel_matmul, resnet_trunk
+from depthuda.models.resnet import CONV_INIT, CONV_INITS, resnet_trunk
 
 # PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1 (new = 0.9 * old + 0.1 * batch), which
 # is Flax's momentum 0.9.
@@ -41,37 +41,8 @@ def torch_bias_init(fan_in: int) -> Callable:
   return init
 
 
-class _ConvParams(nn.Module):
-  """The kernel [kh, kw, C_in, features] and bias of a conv, declared as `nn.Conv` declares them
-  (same names and order; the bias with `torch_bias_init`), not applied."""
-  features: int
-  kernel_size: tuple[int, int]
-  kernel_init: Callable = CONV_INIT
-
-  @nn.compact
-  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, in_features, self.features),
-                        jnp.float32)
-    fan_in = in_features * self.kernel_size[0] * self.kernel_size[1]
-    return kernel, self.param('bias', torch_bias_init(fan_in), (self.features,), jnp.float32)
-
-
-def _shift(x: jax.Array, rows: int, cols: int) -> jax.Array:
-  """out[:, r, c] = x[:, r + rows, c + cols], zero where that is outside x [B, h, w, C]."""
-  return jax.lax.pad(x, jnp.zeros((), x.dtype),
-                     ((0, 0, 0), (-rows, rows, 0), (-cols, cols, 0), (0, 0, 0)))
-
-
 class ASPPClassifier(nn.Module):
-  """Sum of four 3x3 convs (bias) with dilation = padding = 6, 12, 18, 24 (`conv0`..`conv3`).
-
-  Computed as one matrix product and shifted sums: every tap of every conv applied to every
-  cell at once (x [h*w, C_in] times the 36 taps' kernels [C_in, 36 * classes]), then each tap's
-  [h, w, classes] slice shifted by its offset (zeros outside, as the convs' padding) and added.
-  The same sums in another order; the gradients are matrix products too. XLA's CPU backend ran
-  the dilated convs' kernel gradients at 4 GFLOP/s, which made the classifier 11% of a
-  ResNet-101 step; this form is 3.4x faster there.
-  """
+  """Sum of four 3x3 convs (bias) with dilation = padding = 6, 12, 18, 24 (`conv0`..`conv3`)."""
   num_classes: int
   dtype: Any = jnp.float32
   kernel_init: Callable = CONV_INIT
@@ -79,26 +50,10 @@ class ASPPClassifier(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, h, w, C_in] -> logits [B, h, w, num_classes]."""
-    _, h, w, c_in = x.shape
-    k = self.num_classes
-    convs = [_ConvParams(k, (3, 3), self.kernel_init, name=f'conv{i}')(c_in)
-             for i in range(len(ASPP_DILATIONS))]
-    # [3, 3, C_in, k] per conv -> columns (conv, tap row, tap column, class).
-    kernels = jnp.concatenate([kernel.transpose(2, 0, 1, 3).reshape(c_in, 9 * k)
-                               for kernel, _ in convs], axis=1)
-    bias = sum(b for _, b in convs)
-    x, kernels, bias = nn.dtypes.promote_dtype(x, kernels, bias, dtype=self.dtype)
-    taps = channel_matmul(x, kernels)
-    logits = bias
-    for i, d in enumerate(ASPP_DILATIONS):
-      for row in range(3):
-        for col in range(3):
-          dr, dc = (row - 1) * d, (col - 1) * d
-          if abs(dr) >= h or abs(dc) >= w:
-            continue  # The tap reads only padding.
-          start = ((i * 3 + row) * 3 + col) * k
-          logits = logits + _shift(taps[..., start:start + k], dr, dc)
-    return logits
+    return sum(nn.Conv(self.num_classes, (3, 3), padding=((d, d), (d, d)), kernel_dilation=d,
+                       kernel_init=self.kernel_init, bias_init=torch_bias_init(9 * x.shape[-1]),
+                       dtype=self.dtype, param_dtype=jnp.float32, name=f'conv{i}')(x)
+               for i, d in enumerate(ASPP_DILATIONS))
 
 
 class RegressionHead(nn.Module):
@@ -115,13 +70,11 @@ class RegressionHead(nn.Module):
     """[B, h, w, C_in] -> [B, h, w, 1] float32."""
     conv = functools.partial(nn.Conv, kernel_init=self.kernel_init, dtype=self.dtype,
                              param_dtype=jnp.float32)
-    conv1x1 = functools.partial(Conv1x1, use_bias=True, kernel_init=self.kernel_init,
-                                dtype=self.dtype)
     c_in, hidden = x.shape[-1], 8 * self.width
-    x = nn.relu(conv1x1(hidden, bias_init=torch_bias_init(c_in), name='conv1')(x))
+    x = nn.relu(conv(hidden, (1, 1), bias_init=torch_bias_init(c_in), name='conv1')(x))
     x = nn.relu(conv(hidden, (3, 3), padding=((1, 1), (1, 1)),
                      bias_init=torch_bias_init(9 * hidden), name='conv2')(x))
-    x = conv1x1(2 * self.width, bias_init=torch_bias_init(hidden), name='conv3')(x)
+    x = conv(2 * self.width, (1, 1), bias_init=torch_bias_init(hidden), name='conv3')(x)
     return jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True)
 
 

@@ -48,57 +48,6 @@ def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2, padding: int =
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
 
-def channel_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [..., C_in] times kernel [C_in, C_out] -> [..., C_out], as a product of 2-D matrices.
-
-  Flattening the leading axes first (a free reshape) matters on XLA's CPU backend: the kernel
-  gradient of a product that contracts a 4-D x over its last axis is, after JAX's transpose rule
-  and XLA's canonicalisation, computed with the output cotangent written out transposed, and
-  that copy (with BatchNorm's backward pass fused into it) reads its inputs at a stride of C_out
-  floats. The 2-D product's kernel gradient reads both operands in place (x^T g).
-  """
-  y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())))
-  return y.reshape(*x.shape[:-1], kernel.shape[-1])
-
-
-class Conv1x1(nn.Module):
-  """A 1x1 convolution written as a matrix product over channels; parameters as `nn.Conv`'s.
-
-  XLA's CPU backend computes the kernel gradient of a 1x1 `conv_general_dilated` as a
-  convolution whose window is the whole feature map with one input channel, several times
-  slower than the matrix product it is (the layer4 ones ran at 12 GFLOP/s where products of
-  that size run at 60-90 on one core). As `dot_general`, the forward pass and both gradients
-  are matrix products on every backend. Stride s (no padding) keeps every s-th row and column,
-  exactly what a strided 1x1 convolution reads.
-
-  Attributes:
-    features: output channels.
-    strides: spatial stride.
-    use_bias: add a bias.
-    kernel_init: initializer of the [1, 1, C_in, features] kernel.
-    bias_init: initializer of the bias (zeros, as `nn.Conv`'s default).
-    dtype: compute dtype; parameters are float32.
-  """
-  features: int
-  strides: int = 1
-  use_bias: bool = False
-  kernel_init: Callable = CONV_INIT
-  bias_init: Callable = nn.initializers.zeros
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, H, W, C_in] -> [B, ceil(H / s), ceil(W / s), features]."""
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
-                        jnp.float32)
-    bias = (self.param('bias', self.bias_init, (self.features,), jnp.float32)
-            if self.use_bias else None)
-    x = x[:, ::self.strides, ::self.strides]
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = channel_matmul(x, kernel[0, 0])
-    return y if bias is None else y + bias
-
-
 class Bottleneck(nn.Module):
   """ResNet bottleneck, with the stride on the first 1x1 conv as in the original (Caffe style).
 
@@ -122,25 +71,19 @@ class Bottleneck(nn.Module):
     """[B, H, W, C_in] -> [B, H', W', planes * 4]."""
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
                              param_dtype=jnp.float32)
-    conv1x1 = functools.partial(Conv1x1, use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype)
     d = self.dilation
-    out = conv1x1(self.planes, strides=self.stride, name='conv1')(x)
+    out = conv(self.planes, (1, 1), strides=self.stride, padding='VALID', name='conv1')(x)
     out = nn.relu(self.norm(name='bn1')(out))
     out = conv(self.planes, (3, 3), padding=((d, d), (d, d)), kernel_dilation=d,
                name='conv2')(out)
     out = nn.relu(self.norm(name='bn2')(out))
-    out = conv1x1(self.planes * EXPANSION, name='conv3')(out)
+    out = conv(self.planes * EXPANSION, (1, 1), name='conv3')(out)
     out = self.norm(name='bn3')(out)
     if self.project:
-      x = conv1x1(self.planes * EXPANSION, strides=self.stride, name='downsample_conv')(x)
+      x = conv(self.planes * EXPANSION, (1, 1), strides=self.stride, padding='VALID',
+               name='downsample_conv')(x)
       x = self.norm(name='downsample_bn')(x)
-    # ReLU as a product of two full-size operands, not max(s, 0): XLA treats max(s, 0) as free
-    # to recompute, so on CPU it fused the whole residual stream (every earlier block's BN and
-    # add) into each consumer of a block's output, an O(depth^2) recomputation that made a
-    # ResNet-101 step 1.8x slower. A binary op with a non-fusible consumer (the next conv) is
-    # computed once. Same values and gradient: 1 * s where s > 0, else 0.
-    s = out + x
-    return s * (s > 0).astype(s.dtype)
+    return nn.relu(out + x)
 
 
 def resnet_trunk(x: jax.Array, *, layers: Sequence[int], width: int, norm: ModuleDef,
