@@ -38,7 +38,8 @@ def conv3x3_forms():
   'conv' is `conv_general_dilated` (YNNPACK's kernels on CPU); the others are matrix products:
   'im2col' one product of the 9 shifted copies of x side by side; 'nine products' one product
   per tap, summed; 'taps out' one product of x with all 9 taps' kernels, whose 9 outputs are
-  shifted and summed (as depthuda's ASPP). All compute the same values and gradients.
+  shifted and summed (the ASPP's form before it went back to convolutions). All compute the same
+  values and gradients.
   """
   import jax
   import jax.numpy as jnp

@@ -116,8 +116,8 @@ def main():
   train_step.pin_to_cores(args.threads)
   if args.threads == 1:
     os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + train_step.XLA_ONE_THREAD
-  from depthuda import hostmem  # pylint: disable=import-outside-toplevel
-  hostmem.configure()  # As depthuda.main --keep_host_memory, before JAX starts its threads.
+  import hostmem  # pylint: disable=import-outside-toplevel
+  hostmem.configure()  # As train_step.py, before JAX starts its threads.
   import jax  # pylint: disable=import-outside-toplevel  # After XLA_FLAGS is set.
 
   session = train_step.JaxSession(argparse.Namespace(**vars(args), profile_dir='',

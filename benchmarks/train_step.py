@@ -19,9 +19,8 @@ allocator maps afresh each iteration; `GLIBC_TUNABLES` set in the shell reaches 
 and the step's FLOPs from XLA's cost analysis of the compiled step with the achieved rate (and
 the model FLOPs utilisation where the device's peak is known or --peak_tflops is given). The
 same FLOP count serves both frameworks, which compute the same iteration. On a CPU-only host
-the depthuda worker runs as `depthuda.main --keep_host_memory` does, the setting for large
-steps on a CPU (`depthuda.hostmem`; --system_malloc leaves it out); the PyTorch worker runs on
-the C library's defaults. No TensorFlow is imported, so this runs where only JAX and PyTorch
+the depthuda worker keeps freed host memory mapped (`hostmem.py`; --system_malloc leaves it
+out); the PyTorch worker runs on the C library's defaults. No TensorFlow is imported, so this runs where only JAX and PyTorch
 are installed.
 """
 
@@ -205,8 +204,8 @@ def worker(args) -> None:
   """Sets up one framework, then serves `step` / `done` commands read from stdin."""
   pin_to_cores(args.threads)  # Neither worker runs more threads at once than the other.
   if args.worker == 'jax':
-    from depthuda import hostmem  # pylint: disable=import-outside-toplevel
-    hostmem.configure(not args.system_malloc)  # As main --keep_host_memory, before JAX.
+    import hostmem  # pylint: disable=import-outside-toplevel
+    hostmem.configure(not args.system_malloc)  # Before JAX starts its threads.
     import jax  # pylint: disable=unused-import
   else:
     import torch
@@ -312,7 +311,7 @@ def main():
   parser.add_argument('--json', default='', help='also write the results to this file')
   parser.add_argument('--system_malloc', action='store_true',
                       help="depthuda on the C library's default malloc settings, as "
-                           'depthuda.main without --keep_host_memory (depthuda.hostmem)')
+                           'depthuda.main runs (hostmem.py left out)')
   parser.add_argument('--compile_only', action='store_true',
                       help="depthuda's step compiled, not run: compile time, FLOPs and XLA's "
                            'temporaries (a full-resolution estimate on a CPU)')

@@ -263,11 +263,9 @@ def _to_chunks(points, mask, chunk_size: int):
 def _sum_chunks(class_fn, frame: _Frame, class_params, chunks) -> SufficientStats:
   """`_over_classes` summed over the chunks (bounded memory), one chunk per loop iteration.
 
-  The loop carries the chunk it works on and loads the next one for the following iteration.
-  Indexing the chunks inside the iteration that uses them lets XLA's CPU backend fuse that
-  dynamic slice into every elementwise fusion of the E-step, and the fusions then run several
-  times slower (the exponential's: 2.3 ms per 8192-point chunk of 16 classes instead of 0.2).
-  A chunk carried over is a plain buffer: the whole E-step runs 2.7x faster on CPU.
+  The loop carries the chunk it works on and loads the next one for the following iteration:
+  sliced where it is used, XLA's CPU backend fuses the slice into every elementwise fusion of
+  the E-step, which slows them (BUILD_NOTES.md, "Performance work").
   """
   stats_fn = functools.partial(_over_classes, class_fn, frame, class_params)
   num_chunks = chunks[0].shape[0]

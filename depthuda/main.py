@@ -47,12 +47,6 @@ _MULTIHOST = flags.DEFINE_bool(
     'multihost', False,
     'Join a multi-process run with jax.distributed.initialize(). SLURM and Cloud TPU pods are '
     'detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.')
-_KEEP_HOST_MEMORY = flags.DEFINE_bool(
-    'keep_host_memory', False,
-    'Where JAX runs on the CPU alone, keep freed host memory mapped for the next step (one '
-    'malloc arena, never trimmed; depthuda/hostmem.py). For large steps on a CPU: no page '
-    'faults per step (a 321x321 ResNet-101 step 0.3-0.9 s faster on two cores); small runs '
-    'get slower (their threads share the arena), and freed memory is not handed back.')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None,
     'With --stage=eval: score this model instead of the run\'s own: a stage folder (DIR/adapt, '
@@ -103,8 +97,6 @@ def main(argv):
       # So is a wrong init_from, which adapt (not resumed) would meet after the GMM fit.
       from depthuda import converted
       converted.check_init_from(config)
-    from depthuda import hostmem
-    hostmem.configure(_KEEP_HOST_MEMORY.value)  # Before JAX starts its threads.
     import jax  # After flag parsing, so --help is fast.
     if _MULTIHOST.value:
       _initialize_distributed(jax)

@@ -221,22 +221,6 @@ def test_stacked_pieces_sum_to_the_whole():
   _assert_params_close(total, whole, rtol=1e-4, atol=1e-3)
 
 
-def test_e_step_fusions_read_a_whole_chunk():
-  """The EM loop hands each chunk to the E-step as a buffer: no fusion that computes the
-  exponential also slices the chunk array (XLA's CPU backend runs such fusions several times
-  slower)."""
-  points, mask = _well_separated(COUNTS, seed=10)
-  params = gmm.fit(points, mask, num_components=K, max_iters=0)
-  frame = gmm._fit_frame(points, mask)
-  chunks = gmm._to_chunks(points, mask, 256)
-  hlo = jax.jit(lambda p, c: gmm._sum_chunks(gmm._class_stats, frame, p, c)).lower(
-      params, chunks).compile().as_text()
-  fused = hlo.split('\n\n')
-  with_exp = [block for block in fused if ' exponential(' in block]
-  assert with_exp
-  assert not [block for block in with_exp if 'dynamic-slice(' in block]
-
-
 def test_log_density_matches_numpy():
   rng = np.random.default_rng(7)
   c_num, d = 4, 3

@@ -1,19 +1,18 @@
-"""Host memory for CPU runs: freed memory stays mapped for the next training step.
+"""Host memory for CPU timings: freed memory stays mapped for the next training step.
 
 XLA's CPU runtime takes a step's temporaries from malloc as one block (2.6 GB for a 321x321
 ResNet-101 adaptation step). glibc serves blocks that large with a fresh mmap and unmaps them
 when they are freed, so every step page-faults its whole working set in again: 630,000 minor
 faults and 1.2-2.5 s of system time per step on two cores; the step ran up to 12% slower for
-it (`benchmarks/RESULTS.md`, section 1). With one malloc arena that neither maps large blocks
-separately nor returns freed memory to the system, the block is reused from one step to the
-next without a fault.
+it (`RESULTS.md`, section 1). With one malloc arena that neither maps large blocks separately
+nor returns freed memory to the system, the block is reused from one step to the next without
+a fault.
 
-The settings must be made before JAX starts its threads (a thread keeps the arena it first
-allocated from), so `depthuda.main --keep_host_memory` makes them before it imports JAX
-(`configure`), and only where JAX can only run on the CPU: on GPU and TPU hosts the step's
-temporaries live on the device. They are not the default: with one arena the threads of a
-small run (input pipeline, XLA) wait on each other, and `configs/test.py`'s whole pipeline took
-8% longer (58-61 s against 48-61 s, four runs each).
+A tuning of CPU timings, not part of depthuda: `train_step.py` and `profile_step.py` make the
+settings (`configure`) before they import JAX (a thread keeps the arena it first allocated
+from), only where JAX can only run on the CPU; on GPU and TPU hosts the step's temporaries
+live on the device. With one arena the threads of a small run wait on each other:
+`configs/test.py`'s whole pipeline took 8% longer (58-61 s against 48-61 s, four runs each).
 """
 
 from __future__ import annotations
@@ -64,6 +63,6 @@ def keep_freed_memory_mapped() -> bool:
 
 
 def configure(keep_freed_memory: bool = True) -> bool:
-  """What `depthuda.main --keep_host_memory` does before it imports JAX:
-  `keep_freed_memory_mapped()` where `cpu_only()`. Returns whether the settings were made."""
+  """`keep_freed_memory_mapped()` where `cpu_only()`, before JAX is imported. Returns whether
+  the settings were made."""
   return keep_freed_memory and cpu_only() and keep_freed_memory_mapped()
