@@ -12,6 +12,18 @@ def _floating_dtypes(tree) -> set:
   return {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
 
 
+def _equations(jaxpr, primitive: str) -> list:
+  """Every equation of `primitive` in `jaxpr` and its sub-jaxprs."""
+  found = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == primitive]
+  for eqn in jaxpr.eqns:
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          found += _equations(sub, primitive)
+  return found
+
+
 def test_bfloat16_compute_keeps_state_and_losses_float32():
   config = _config(compute_dtype='bfloat16')
   mesh = train.make_mesh(jax.devices()[:1])
@@ -28,9 +40,14 @@ def test_bfloat16_compute_keeps_state_and_losses_float32():
   batch['source']['depth'][0, 5, :4] = (65536.0, 64270.0, 65536.0, 64270.0)
   batch['source']['depth_grid'][0, 1, :2] = (65536.0, 64270.0)
   batch = train.shard_batch(batch, mesh)
-  # The convolutions really run in bfloat16.
-  hlo = step.lower(state, batch, params).as_text()
-  assert 'convolution' in hlo and 'bf16' in hlo
+  # The segmenter's convolutions, forward and gradients, take bfloat16 operands; the only
+  # float32 ones are the discriminator's (it is built in float32).
+  convs = _equations(jax.make_jaxpr(step)(state, batch, params).jaxpr, 'conv_general_dilated')
+  kernels = [k for k in jax.tree.leaves(state.params) if k.ndim == 4]
+  operands = [tuple(v.aval.dtype for v in eqn.invars) for eqn in convs]
+  low = operands.count((jnp.dtype(jnp.bfloat16),) * 2)
+  assert low >= 4 * len(kernels), (low, len(kernels))  # forward and kernel gradient, 2 domains
+  assert set(operands) == {(jnp.dtype(jnp.bfloat16),) * 2, (jnp.dtype(jnp.float32),) * 2}
 
   for _ in range(2):
     state, metrics = step(state, batch, params)
