@@ -71,10 +71,6 @@ def _density_target(gmm, classes, z, scale):
   return (255 * (1 - torch.exp(-scale * density))).float()
 
 
-def _nearest(x, grid):
-  return F.interpolate(x[:, None].float(), size=grid, mode='nearest')[:, 0]
-
-
 class TorchIteration:
   """METHOD §5, one batch of source and target images per call."""
 
@@ -112,8 +108,11 @@ class TorchIteration:
     loss['seg'] = F.cross_entropy(_up(seg_s, size), label, ignore_index=255,
                                   weight=torch.tensor(config.loss.class_weights))
     loss['depth'] = _berhu(_up(dep_s, size)[:, 0], depth)
+    # The label and depth on the grid come with the batch (the input pipeline's nearest rule).
+    label_grid = torch.from_numpy(src['label_grid']).long()
+    assert tuple(label_grid.shape[1:]) == grid
     pred = seg_s.detach().argmax(1)
-    z = torch.where(_nearest(label, grid).long() == pred, _nearest(depth, grid), 0.0)
+    z = torch.where(label_grid == pred, torch.from_numpy(src['depth_grid']), 0.0)
     loss['bal_src'] = _berhu(dens_s[:, 0],
                              _density_target(self.gmm, pred, z, config.gmm.density_scale))
 
