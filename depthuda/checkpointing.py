@@ -22,7 +22,6 @@ folder written by `depthuda.convert`.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from depthuda import converted
+from depthuda import fileio
 from depthuda import models
 from depthuda.errors import InputError
 from depthuda.errors import write_failure
@@ -66,13 +66,13 @@ def quiet_failed_saves() -> None:
   sys.unraisablehook = hook
 
 
-def _remove_unfinished(directory: str) -> None:
+def _remove_unfinished(directory: fileio.Path) -> None:
   """Deletes the temporary directories of saves that a killed run did not finish."""
-  if not os.path.isdir(directory) or jax.process_index() != 0:
+  if not directory.is_dir() or jax.process_index() != 0:
     return
-  for name in os.listdir(directory):
-    if _TMP_MARK in name:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  for path in directory.iterdir():
+    if _TMP_MARK in path.name:
+      path.rmtree(missing_ok=True)
 
 
 class StageCheckpoints:
@@ -82,19 +82,19 @@ class StageCheckpoints:
   (evaluation, prediction) leave it False, so they never touch a save in progress.
   """
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+  def __init__(self, directory: fileio.PathLike, keep: int = 3, async_save: bool = True,
                resume: bool = False):
-    directory = os.path.abspath(directory)
+    directory = fileio.absolute(directory)  # Orbax needs an absolute path or a URL.
     self.directory = directory
     if resume:
       for sub in ('checkpoints', 'best'):
-        _remove_unfinished(os.path.join(directory, sub))
+        _remove_unfinished(directory / sub)
     self._latest = ocp.CheckpointManager(
-        os.path.join(directory, 'checkpoints'),
+        directory / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
     self._best = ocp.CheckpointManager(
-        os.path.join(directory, 'best'),
+        directory / 'best',
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
     self._resumable_best = None  # best_step of the newest finished checkpoint
 
@@ -103,7 +103,7 @@ class StageCheckpoints:
     try:
       return call(*args, **kwargs)
     except (OSError, ValueError) as e:
-      failure = write_failure(os.path.join(self.directory, what), e)
+      failure = write_failure(self.directory / what, e)
       if failure is None:
         raise
       raise failure from None
@@ -207,7 +207,7 @@ class StageCheckpoints:
     step = self.latest_step()
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}/checkpoints')
-    path = os.path.join(self.directory, 'checkpoints', str(step))
+    path = self.directory / 'checkpoints' / str(step)
     return _restore_state_variables(path, abstract_variables), {'step': step}
 
   def wait(self) -> None:
@@ -223,24 +223,24 @@ class StageCheckpoints:
       self._best.close()
 
 
-def save_variables(directory: str, variables: Any, meta: dict) -> None:
+def save_variables(directory: fileio.PathLike, variables: Any, meta: dict) -> None:
   """Segmenter variables to `directory/variables` (what `config.init_from` points at), then
   their record `meta` (`converted.metadata`) to `directory/metadata.json`.
 
   The record is removed first and written last: a folder whose save was cut off has none,
   and so is refused as a whole rather than loaded in part.
   """
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  if os.path.exists(os.path.join(directory, converted.METADATA)):
-    os.remove(os.path.join(directory, converted.METADATA))
+  directory = fileio.absolute(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  if (directory / converted.METADATA).exists():
+    (directory / converted.METADATA).unlink()
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, 'variables'), variables, force=True)
+  ckptr.save(directory / 'variables', variables, force=True)
   ckptr.wait_until_finished()
   converted.write_metadata(directory, meta)
 
 
-def load_variables(directory: str, abstract_variables: Any, meta: dict) -> Any:
+def load_variables(directory: fileio.PathLike, abstract_variables: Any, meta: dict) -> Any:
   """Inverse of `save_variables`, once `converted.check` has returned `meta`.
 
   Restores exactly what the folder holds, shapes checked: for an ImageNet conversion the trunk
@@ -249,8 +249,7 @@ def load_variables(directory: str, abstract_variables: Any, meta: dict) -> Any:
   if meta['kind'] == converted.IMAGENET:
     abstract_variables = models.trunk(abstract_variables)
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables)
-  return ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(directory), 'variables'), target)
+  return ocp.StandardCheckpointer().restore(fileio.absolute(directory) / 'variables', target)
 
 
 def _check_selection(selection: str) -> str:
@@ -259,7 +258,7 @@ def _check_selection(selection: str) -> str:
   return selection
 
 
-def _restore_state_variables(step_dir: str, abstract_variables: Any) -> Any:
+def _restore_state_variables(step_dir: fileio.Path, abstract_variables: Any) -> Any:
   """The segmenter variables (params, batch_stats) of a whole-`TrainState` step folder,
   without reading the optimizer states or the discriminator."""
   fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -267,14 +266,13 @@ def _restore_state_variables(step_dir: str, abstract_variables: Any) -> Any:
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, 'sharding', None) or fallback), target)
   out = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, 'state'),
+      step_dir / 'state',
       args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
   return dict(out)
 
 
-def _step_dirs(directory: str) -> list[int]:
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+def _step_dirs(directory: fileio.Path) -> list[int]:
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def load_model(path: str, selection: str, abstract_variables: Any, config: Any
@@ -291,31 +289,29 @@ def load_model(path: str, selection: str, abstract_variables: Any, config: Any
     (variables, {'checkpoint': absolute path, 'step': int or None, 'selection': the selection
     applied or None, 'description': str}).
   """
-  path = os.path.abspath(path.rstrip('/') or '/')
-  if not os.path.isdir(path):
+  path = fileio.absolute(path.rstrip('/') or '/')
+  if not path.is_dir():
     raise InputError(f'--checkpoint={path}: no such directory ({_EXPECTED})')
-  name, parent = os.path.basename(path), os.path.dirname(path)
-  info = {'checkpoint': path, 'step': None, 'selection': None}
+  name, parent = path.name, path.parent
+  info = {'checkpoint': str(path), 'step': None, 'selection': None}
   try:
-    if os.path.isdir(os.path.join(path, 'variables')) and not os.path.isdir(
-        os.path.join(path, 'meta')):
+    if (path / 'variables').is_dir() and not (path / 'meta').is_dir():
       meta = converted.check(path, f'--checkpoint={path}', config.data.num_classes,
                              config.model.layers, config.model.width, trained_only=True)
       info['description'] = f'{path} (converted)'
       return load_variables(path, abstract_variables, meta), info
-    if name.isdigit() and os.path.isdir(os.path.join(path, 'variables')):  # best/<step>
+    if name.isdigit() and (path / 'variables').is_dir():  # best/<step>
       variables = ocp.StandardCheckpointer().restore(
-          os.path.join(path, 'variables'),
+          path / 'variables',
           jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_variables))
       info.update(step=int(name), description=f'{parent} step {name}')
       return variables, info
-    if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):  # checkpoints/<step>
+    if name.isdigit() and (path / 'state').is_dir():  # checkpoints/<step>
       info.update(step=int(name), description=f'{parent} step {name}')
       return _restore_state_variables(path, abstract_variables), info
     if name in ('best', 'checkpoints') and _step_dirs(path):
       stage_dir, selection = parent, 'best' if name == 'best' else 'last'
-    elif any(os.path.isdir(os.path.join(path, sub)) and _step_dirs(os.path.join(path, sub))
-             for sub in ('best', 'checkpoints')):
+    elif any((path / sub).is_dir() and _step_dirs(path / sub) for sub in ('best', 'checkpoints')):
       stage_dir = path
     else:
       raise InputError(f'--checkpoint={path}: not a checkpoint ({_EXPECTED})')

@@ -25,6 +25,7 @@ import numpy as np
 from depthuda import checkpointing
 from depthuda import cli
 from depthuda import converted
+from depthuda import fileio
 from depthuda import models
 
 _TORCH_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None,
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> None:
   except (ImportError, OSError, ValueError) as e:
     cli.fail(str(e), cli.INPUT)
   count = sum(x.size for x in jax.tree.leaves(params))
-  print(f'wrote {os.path.abspath(_OUTPUT.value)}: {what}, ResNet layers {layers}, width '
+  print(f'wrote {fileio.absolute(_OUTPUT.value)}: {what}, ResNet layers {layers}, width '
         f'{width}, {count:,} parameters')
 
 

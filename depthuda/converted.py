@@ -12,9 +12,9 @@ Imports nothing heavy: `depthuda.main` checks `init_from` before it imports JAX.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
+from depthuda import fileio
 from depthuda.errors import InputError
 
 METADATA = 'metadata.json'
@@ -33,25 +33,22 @@ def metadata(kind: str, layers: Sequence[int], width: int, num_classes: int | No
   return meta
 
 
-def write_metadata(directory: str, meta: dict) -> None:
-  with open(os.path.join(directory, METADATA), 'w', encoding='utf-8') as f:
-    json.dump(meta, f, indent=2)
-    f.write('\n')
+def write_metadata(directory: fileio.PathLike, meta: dict) -> None:
+  fileio.write_atomic(fileio.Path(directory) / METADATA, json.dumps(meta, indent=2) + '\n')
 
 
-def read_metadata(directory: str, setting: str) -> dict:
+def read_metadata(directory: fileio.PathLike, setting: str) -> dict:
   """The record in `directory`; InputError (prefixed with `setting`, e.g.
   'config.init_from=DIR') if the folder holds no conversion or one without a valid record."""
-  if not os.path.isdir(os.path.join(directory, 'variables')):
+  if not (fileio.Path(directory) / 'variables').is_dir():
     raise InputError(
-        f'{setting}: no converted checkpoint at {os.path.join(directory, "variables")}; '
+        f'{setting}: no converted checkpoint at {fileio.Path(directory) / "variables"}; '
         'download DeepLab_resnet_pretrained_imagenet.pth (linked from the original authors\' '
         'repository) or use one of their trained checkpoints, and convert it: '
         + _CONVERT.format(directory))
-  path = os.path.join(directory, METADATA)
+  path = fileio.Path(directory) / METADATA
   try:
-    with open(path, encoding='utf-8') as f:
-      meta = json.load(f)
+    meta = json.loads(path.read_text())
   except FileNotFoundError:
     raise InputError(f'{setting}: {directory} has no {METADATA} (converted by an older '
                      'depthuda, or not by depthuda.convert); convert the .pth again: '

@@ -22,7 +22,7 @@ class Interrupted(Exception):
     self.signum = signum
 
 
-def write_failure(path: str, error: BaseException) -> InputError | None:
+def write_failure(path: str | os.PathLike[str], error: BaseException) -> InputError | None:
   """An InputError naming `path` if `error` is a failed write (disk full, no permission, ...).
 
   Orbax reports the operating system's error inside a ValueError from TensorStore

@@ -26,13 +26,13 @@ import functools
 import os
 import signal
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from depthuda import cli
+from depthuda import fileio
 from depthuda.errors import InputError
 from depthuda.errors import Interrupted
 
@@ -64,16 +64,8 @@ def _raise_interrupted(signum, frame):
 def _write_config(workdir: str, config) -> None:
   """DIR/config.json, written atomically (every process checks that it can write DIR)."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix='.config.json.', suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'w') as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-      os.chmod(tmp, 0o644)  # mkstemp's 0600 would stick
-      os.replace(tmp, os.path.join(workdir, 'config.json'))
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    fileio.write_atomic(fileio.Path(workdir) / 'config.json',
+                        config.to_json_best_effort(indent=2, sort_keys=True))
   except OSError as e:
     raise InputError(f'--workdir={workdir} is not writable ({e.strerror or e})') from None
 
@@ -91,9 +83,9 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     _write_config(workdir, config)  # Before the slow imports: a bad workdir fails at once.
-    adapt_checkpoints = os.path.join(workdir, 'adapt', 'checkpoints')
+    adapt_checkpoints = fileio.Path(workdir) / 'adapt' / 'checkpoints'
     if (_STAGE.value in ('all', 'adapt') and config.init_from
-        and not (os.path.isdir(adapt_checkpoints) and os.listdir(adapt_checkpoints))):
+        and not (adapt_checkpoints.is_dir() and any(adapt_checkpoints.iterdir()))):
       # So is a wrong init_from, which adapt (not resumed) would meet after the GMM fit.
       from depthuda import converted
       converted.check_init_from(config)

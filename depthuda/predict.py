@@ -48,6 +48,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from depthuda import checkpointing
 from depthuda import cli
+from depthuda import fileio
 from depthuda import losses
 from depthuda import reporting
 from depthuda import train
@@ -75,13 +76,12 @@ flags.mark_flags_as_required(['input', 'output'])
 
 def config_from_workdir(workdir: str):
   """The ConfigDict a run saved as DIR/config.json (tuples come back as lists)."""
-  if not os.path.isdir(workdir):
+  if not fileio.Path(workdir).is_dir():
     raise InputError(f'no such workdir: {workdir}')
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = fileio.Path(workdir) / 'config.json'
+  if not path.is_file():
     raise InputError(f'no config at {path}; pass --config=configs/<experiment>.py')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def _selection(config) -> str:
@@ -89,12 +89,12 @@ def _selection(config) -> str:
   return config.get('model_selection', 'best')
 
 
-def _selected_stage(workdir: str, selection: str) -> str | None:
+def _selected_stage(workdir: str, selection: str) -> fileio.Path | None:
   """DIR/self_train if it holds the model `selection` picks, else DIR/adapt if it does."""
   for stage in STAGES_LATEST_FIRST:
-    stage_dir = os.path.join(workdir, stage)
+    stage_dir = fileio.Path(workdir) / stage
     # Only open existing stage folders: opening a manager creates its directories.
-    if not os.path.isdir(stage_dir):
+    if not stage_dir.is_dir():
       continue
     stages = checkpointing.StageCheckpoints(stage_dir)
     found = stages.model_step(selection) is not None
@@ -114,7 +114,7 @@ def load_model(config, *, workdir: str | None = None, checkpoint: str | None = N
   if checkpoint is not None:
     variables, info = checkpointing.load_model(checkpoint, _selection(config), abstract, config)
     return seg, variables, info['description']
-  if not os.path.isdir(workdir):
+  if not fileio.Path(workdir).is_dir():
     raise InputError(f'no such workdir: {workdir}')
   selection = _selection(config)
   stage_dir = _selected_stage(workdir, selection)
@@ -212,10 +212,10 @@ def _batches(paths: Sequence[pathlib.Path], batch_size: int, input_size: Sequenc
     yield chunk, originals, batch
 
 
-def write_outputs(output_dir: str, name: str, image_rgb: np.ndarray, classes: np.ndarray,
+def write_outputs(output_dir: fileio.PathLike, name: str, image_rgb: np.ndarray, classes: np.ndarray,
                   density: np.ndarray, depth: np.ndarray, num_classes: int) -> None:
   """The five PNGs of one image; every array is [H, W] at the image's size."""
-  out = lambda kind: os.path.join(output_dir, f'{name}_{kind}.png')
+  out = lambda kind: fileio.Path(output_dir) / f'{name}_{kind}.png'
   visualize.save_png(out('classes'), classes)
   visualize.save_png(out('seg'), visualize.colorize(classes, num_classes))
   visualize.save_png(out('overlay'), visualize.overlay(image_rgb, classes, 0.5, num_classes))
@@ -224,14 +224,14 @@ def write_outputs(output_dir: str, name: str, image_rgb: np.ndarray, classes: np
                                                                cmap='viridis'))
 
 
-def predict_images(config, seg, variables, paths: Sequence[pathlib.Path], output_dir: str,
+def predict_images(config, seg, variables, paths: Sequence[pathlib.Path], output_dir: fileio.PathLike,
                    batch_size: int = 8, desc: str = 'predict') -> None:
   """Runs the segmenter over `paths` in batches and writes five PNGs per image."""
   if batch_size < 1:
     raise InputError(f'--batch_size must be positive, got {batch_size}')
   if not paths:
     raise InputError('no images to predict')
-  os.makedirs(output_dir, exist_ok=True)
+  fileio.Path(output_dir).mkdir(parents=True, exist_ok=True)
   forward = train.predict_fn(seg)
   batch_size = min(batch_size, len(paths))
   num_classes = config.data.num_classes

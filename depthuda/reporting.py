@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import tqdm
 
+from depthuda import fileio
+
 log = logging.getLogger('depthuda')
 
 
@@ -37,73 +39,62 @@ def _to_python(value: Any) -> Any:
   return value
 
 
-def write_text(path: str, text: str) -> None:
-  """Atomic write (temp file + rename), process 0 only: a crash or a full disk leaves the
+def write_text(path: fileio.PathLike, text: str) -> None:
+  """Atomic write (`fileio.write_atomic`), process 0 only: a crash or a full disk leaves the
   previous file intact."""
-  if not is_writer():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  if is_writer():
+    fileio.write_atomic(path, text)
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_json(path: fileio.PathLike, obj: Any) -> None:
   """Atomic JSON write, process 0 only."""
   write_text(path, json.dumps(_to_python(obj), indent=2))
 
 
-def read_results(workdir: str) -> dict:
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
+def read_results(workdir: fileio.PathLike) -> dict:
+  path = fileio.Path(workdir) / 'results.json'
+  if not path.exists():
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
-def update_results(workdir: str, stage: str, entry: dict) -> None:
+def update_results(workdir: fileio.PathLike, stage: str, entry: dict) -> None:
   results = read_results(workdir)
   results[stage] = _to_python(entry)
-  write_json(os.path.join(workdir, 'results.json'), results)
+  write_json(fileio.Path(workdir) / 'results.json', results)
 
 
 class MetricsLog:
   """`<stage_dir>/metrics.jsonl` plus TensorBoard scalars and images under `<stage_dir>/tb`."""
 
-  def __init__(self, stage_dir: str, start_step: int = 0, tensorboard: bool = True):
-    self.path = os.path.join(stage_dir, 'metrics.jsonl')
+  def __init__(self, stage_dir: fileio.PathLike, start_step: int = 0, tensorboard: bool = True):
+    self.path = fileio.Path(stage_dir) / 'metrics.jsonl'
     self._writer = None
     if not is_writer():
       return
-    os.makedirs(stage_dir, exist_ok=True)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
     self._truncate(start_step)
     if tensorboard:
       from clu import metric_writers  # Imports TensorFlow: kept out of the core modules.
-      self._writer = metric_writers.SummaryWriter(os.path.join(stage_dir, 'tb'))
+      # TensorFlow's summary writer opens any path tf.io.gfile knows, gs:// included.
+      self._writer = metric_writers.SummaryWriter(os.fspath(self.path.parent / 'tb'))
 
   def _truncate(self, start_step: int) -> None:
     """Keeps the lines of steps <= start_step: the resumed checkpoint was saved after logging
     its step, and later lines are logged again by the resumed run."""
-    if not os.path.exists(self.path):
+    if not self.path.exists():
       return
-    with open(self.path) as f:
-      kept = [line for line in f if _step(line) is not None and _step(line) <= start_step]
-    with open(self.path + '.tmp', 'w') as f:
-      f.writelines(line.rstrip('\n') + '\n' for line in kept)
-    os.replace(self.path + '.tmp', self.path)
+    kept = [line for line in self.path.read_text().splitlines()
+            if _step(line) is not None and _step(line) <= start_step]
+    fileio.write_atomic(self.path, ''.join(line + '\n' for line in kept))
 
   def scalars(self, step: int, values: dict[str, Any]) -> None:
     if not is_writer():
       return
     values = {k: float(v) for k, v in _to_python(values).items()}
     record = {k: v if math.isfinite(v) else None for k, v in values.items()}
-    with open(self.path, 'a') as f:
+    # An append rewrites the whole object on a store like gs://: lines are few (one per log).
+    with self.path.open('a') as f:
       f.write(json.dumps({'step': int(step), **record}, sort_keys=True) + '\n')
     if self._writer is not None:
       self._writer.write_scalars(int(step), {k: v for k, v in record.items() if v is not None})
@@ -127,11 +118,11 @@ def _step(line: str) -> int | None:
     return None
 
 
-def read_metrics(path: str) -> list[dict]:
-  if not os.path.exists(path):
+def read_metrics(path: fileio.PathLike) -> list[dict]:
+  path = fileio.Path(path)
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if _step(line) is not None]
+  return [json.loads(line) for line in path.read_text().splitlines() if _step(line) is not None]
 
 
 class Progress:

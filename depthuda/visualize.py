@@ -11,8 +11,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import io
 import json
 import os
-import pathlib
-import tempfile
 from typing import Any
 
 import matplotlib
@@ -20,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from depthuda import fileio
 
 # BGR mean subtracted from input images (METHOD §2).
 IMAGE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -140,22 +140,7 @@ def denormalize(image_bgr_meansub: Any) -> np.ndarray:
   return np.clip(np.round(bgr), 0, 255).astype(np.uint8)[..., ::-1].copy()
 
 
-def _write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
-  """Writes to a temporary file next to `path`, then renames it into place,
-  so a reader (or a resumed run) never sees a half-written file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def save_png(path: str | os.PathLike[str], array: Any) -> None:
+def save_png(path: fileio.PathLike, array: Any) -> None:
   """Saves [H, W] uint8/uint16 or [H, W, 3|4] uint8 as a PNG, atomically."""
   array = np.asarray(array)
   if array.dtype not in (np.uint8, np.uint16) or not (
@@ -165,7 +150,7 @@ def save_png(path: str | os.PathLike[str], array: Any) -> None:
                      f'got {array.dtype} {array.shape}.')
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format='PNG')
-  _write_atomically(path, buffer.getvalue())
+  fileio.write_atomic(path, buffer.getvalue())
 
 
 def panel(images: Sequence[np.ndarray], titles: Sequence[str] | None = None,
@@ -206,14 +191,14 @@ def panel(images: Sequence[np.ndarray], titles: Sequence[str] | None = None,
   return np.asarray(canvas)
 
 
-def _save_figure(figure: Figure, path: str | os.PathLike[str]) -> None:
+def _save_figure(figure: Figure, path: fileio.PathLike) -> None:
   buffer = io.BytesIO()
   FigureCanvasAgg(figure).print_png(buffer)
-  _write_atomically(path, buffer.getvalue())
+  fileio.write_atomic(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(cm: Any, class_names: Sequence[str],
-                          path: str | os.PathLike[str], title: str | None = None) -> None:
+                          path: fileio.PathLike, title: str | None = None) -> None:
   """Row-normalized confusion matrix (recall per label) as a PNG heat map.
 
   Every cell is written out in percent; rows without labels stay empty.
@@ -243,7 +228,7 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str],
   _save_figure(figure, path)
 
 
-def plot_class_iou(per_class_iou: Mapping[str, float | None], path: str | os.PathLike[str],
+def plot_class_iou(per_class_iou: Mapping[str, float | None], path: fileio.PathLike,
                    title: str | None = None) -> None:
   """Horizontal bars of per-class IoU (percent), in the classes' palette colours.
 
@@ -277,8 +262,8 @@ def plot_class_iou(per_class_iou: Mapping[str, float | None], path: str | os.Pat
   _save_figure(figure, path)
 
 
-def _read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  with open(path) as f:
+def _read_jsonl(path: fileio.PathLike) -> list[dict[str, Any]]:
+  with fileio.Path(path).open() as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -292,8 +277,8 @@ def _smooth(values: Sequence[float], weight: float) -> np.ndarray:
   return np.asarray(out)
 
 
-def plot_curves(sources: str | os.PathLike[str] | Iterable[Any],
-                keys: Sequence[str], path: str | os.PathLike[str],
+def plot_curves(sources: fileio.PathLike | Iterable[Any],
+                keys: Sequence[str], path: fileio.PathLike,
                 title: str | None = None, smoothing: float = 0.6) -> None:
   """Training curves: one subplot per key (two columns), value against 'step'.
 
@@ -315,7 +300,7 @@ def plot_curves(sources: str | os.PathLike[str] | Iterable[Any],
   if sources and all(isinstance(s, Mapping) for s in sources):
     series = [('', sources)]
   else:
-    series = [(pathlib.Path(s).parent.name, _read_jsonl(s)) for s in sources]
+    series = [(fileio.Path(s).parent.name, _read_jsonl(s)) for s in sources]
   columns = 1 if len(keys) == 1 else 2
   grid_rows = -(-len(keys) // columns)
   figure = Figure(figsize=(5.0 * columns, 0.5 + 2.6 * grid_rows))

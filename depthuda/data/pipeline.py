@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from depthuda import fileio
 from depthuda.data import cityscapes
 from depthuda.data import decoding
 from depthuda.data import labels
@@ -328,7 +329,7 @@ def target_train(config: ml_collections.ConfigDict, *, start_step: int = 0
   return _train_stream(config, target.examples('train', True), decode, _TARGET, start_step)
 
 
-def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: str, *,
+def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: fileio.PathLike, *,
                           start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Endless batches of the self-training images with pseudo-labels from `label_dir`/<name>.png.
 
@@ -337,8 +338,8 @@ def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: str, *,
   """
   target = _target(config)
   examples = target.examples('selftrain', True)
-  found = len([f for f in os.listdir(label_dir) if f.endswith('.png')]) if os.path.isdir(
-      label_dir) else 0
+  label_dir = fileio.Path(label_dir)  # In the workdir, perhaps remote: tf.io reads it too.
+  found = len([p for p in label_dir.iterdir() if p.suffix == '.png']) if label_dir.is_dir() else 0
   if found < examples.total:
     raise InputError(f'{label_dir} has {found} pseudo-label PNGs for {examples.total} target '
                      'images (run the pseudo_label stage)')
@@ -348,10 +349,10 @@ def pseudo_labeled_target(config: ml_collections.ConfigDict, label_dir: str, *,
     image, valid = target.image(ex)
     return {'image': image, 'valid': valid, 'name': target.name(ex)}
 
-  prefix = os.path.join(label_dir, '')
+  prefix = os.fspath(label_dir) + '/'
   finish = lambda ex: {'image': ex['image'], 'label': decoding.mask_padding(decoding.decode_label(
       tf.io.read_file(tf.strings.join([prefix, ex['name'], '.png'])), size, None), ex['valid'])}
-  return _train_stream(config, examples, decode, _PSEUDO, start_step, finish, label_dir)
+  return _train_stream(config, examples, decode, _PSEUDO, start_step, finish, os.fspath(label_dir))
 
 
 class _Pass:

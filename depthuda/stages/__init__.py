@@ -7,11 +7,10 @@ the input pipeline (TensorFlow); the core modules do not.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
 from depthuda import checkpointing
+from depthuda import fileio
 from depthuda import reporting
 from depthuda import train
 from depthuda.data import pipeline
@@ -51,7 +50,7 @@ def _eval_complete(config, workdir):
     stage = evaluation.model_stage(workdir, selection)
   except FileNotFoundError:
     return False
-  ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, stage))
+  ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / stage)
   try:
     return (entry.get('model_stage') == stage and entry.get('model_selection') == selection
             and entry.get('model_step') == ckpts.model_step(selection))
@@ -74,7 +73,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str, force: bool
     if reporting.is_writer():
       print(f'{stage}: complete, skipped')
     return False
-  os.makedirs(os.path.join(workdir, stage), exist_ok=True)
+  (fileio.Path(workdir) / stage).mkdir(parents=True, exist_ok=True)
   entry = _RUN[stage](config, workdir)
   reporting.update_results(workdir, stage, entry)
   return True
@@ -83,5 +82,5 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str, force: bool
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str) -> None:
   """The `eval` stage on the model at `checkpoint` (`checkpointing.load_model`), always run:
   its results replace the `eval` entry of `workdir`'s results.json."""
-  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  (fileio.Path(workdir) / 'eval').mkdir(parents=True, exist_ok=True)
   reporting.update_results(workdir, 'eval', evaluation.run(config, workdir, checkpoint))

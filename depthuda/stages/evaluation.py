@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from depthuda import checkpointing
+from depthuda import fileio
 from depthuda import evaluate as metrics_lib
 from depthuda import losses
 from depthuda import reporting
@@ -162,8 +162,8 @@ def image_panels(config: ml_collections.ConfigDict, seg, variables, count: int,
 def model_stage(workdir: str, selection: str) -> str:
   """The latest training stage holding the model `selection` picks: self_train, else adapt."""
   for stage in ('self_train', 'adapt'):
-    stage_dir = os.path.join(workdir, stage)
-    if not os.path.isdir(stage_dir):  # opening a manager would create the folders
+    stage_dir = fileio.Path(workdir) / stage
+    if not stage_dir.is_dir():  # opening a manager would create the folders
       continue
     ckpts = checkpointing.StageCheckpoints(stage_dir)
     try:
@@ -187,7 +187,7 @@ def _load(config: ml_collections.ConfigDict, workdir: str, seg, checkpoint: str 
       fields['model_selection'] = info['selection']
     return variables, fields, info['description']
   stage = model_stage(workdir, selection)
-  ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, stage))
+  ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / stage)
   try:
     variables, meta = ckpts.restore_model(selection, abstract)
   finally:
@@ -199,27 +199,27 @@ def _load(config: ml_collections.ConfigDict, workdir: str, seg, checkpoint: str 
 def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None) -> dict:
   """Evaluates the selected model of `workdir`, or the one at `checkpoint`; writes results, the
   table, plots and prediction panels."""
-  out_dir = os.path.join(workdir, 'eval')
+  out_dir = fileio.Path(workdir) / 'eval'
   seg, _ = train.build_models(config, axis_name=None)
   variables, fields, model = _load(config, workdir, seg, checkpoint)
   result = evaluate(config, seg, variables, desc=f'eval ({model})')
   result.update(fields, **settings(config))
   if reporting.is_writer():
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'per_class_iou.txt'), 'w') as f:
-      f.write(f'{config.data.target} validation, {model}\n{metrics_lib.format_table(result)}\n')
-    visualize.plot_class_iou(result['per_class_iou'], os.path.join(out_dir, 'per_class_iou.png'),
+    fileio.write_atomic(out_dir / 'per_class_iou.txt',
+                        f'{config.data.target} validation, {model}\n'
+                        f'{metrics_lib.format_table(result)}\n')
+    visualize.plot_class_iou(result['per_class_iou'], out_dir / 'per_class_iou.png',
                              title=f'per-class IoU, {model}')
     names = label_lib.class_names(config.data.num_classes)
     visualize.plot_confusion_matrix(np.asarray(result['confusion_matrix']), names,
-                                    os.path.join(out_dir, 'confusion_matrix.png'),
+                                    out_dir / 'confusion_matrix.png',
                                     title=f'confusion matrix (% of each true class), {model}')
     for curve_stage in ('adapt', 'self_train'):
-      records = reporting.read_metrics(os.path.join(workdir, curve_stage, 'metrics.jsonl'))
+      records = reporting.read_metrics(fileio.Path(workdir) / curve_stage / 'metrics.jsonl')
       if records:
         keys = sorted({k for r in records for k in r if k.startswith('loss') or k == 'val_miou'})
-        visualize.plot_curves(records, keys, os.path.join(out_dir, f'curves_{curve_stage}.png'),
+        visualize.plot_curves(records, keys, out_dir / f'curves_{curve_stage}.png',
                               title=f'{curve_stage} training curves')
     for name, image in image_panels(config, seg, variables, config.eval.num_panels).items():
-      visualize.save_png(os.path.join(out_dir, name.replace('/', '_') + '.png'), image)
+      visualize.save_png(out_dir / (name.replace('/', '_') + '.png'), image)
   return result

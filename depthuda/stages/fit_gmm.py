@@ -17,6 +17,7 @@ the seed) writes the GMMs an uninterrupted run would.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -28,6 +29,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from depthuda import fileio
 from depthuda import gmm
 from depthuda import gmm_streaming
 from depthuda import reporting
@@ -56,16 +58,16 @@ def collect_grid(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
   return np.concatenate(classes), np.concatenate(depths), counts
 
 
-def _grid_cache(workdir: str) -> str:
-  return os.path.join(workdir, 'fit_gmm',
-                      f'grid.{jax.process_index()}-of-{jax.process_count()}.npz')
+def _grid_cache(workdir: fileio.PathLike) -> fileio.Path:
+  return (fileio.Path(workdir) / 'fit_gmm'
+          / f'grid.{jax.process_index()}-of-{jax.process_count()}.npz')
 
 
-def _load_keyed(path: str, key: str) -> dict[str, np.ndarray] | None:
+def _load_keyed(path: fileio.Path, key: str) -> dict[str, np.ndarray] | None:
   """The arrays `_save_keyed` wrote at `path` under `key`; None if none, unreadable (cut off
   while written) or saved for another key."""
   try:
-    with np.load(path) as saved:
+    with np.load(io.BytesIO(path.read_bytes())) as saved:
       if str(saved['key']) == key:
         return {name: saved[name] for name in saved.files if name != 'key'}
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
@@ -73,25 +75,20 @@ def _load_keyed(path: str, key: str) -> dict[str, np.ndarray] | None:
   return None
 
 
-def _save_keyed(path: str, key: str, what: str, arrays: dict[str, np.ndarray]) -> None:
+def _save_keyed(path: fileio.Path, key: str, what: str, arrays: dict[str, np.ndarray]) -> None:
   """Atomic `np.savez` of `arrays` under `key`. It only saves time on a rerun, so a failure (a
   full disk) is a warning, not a reason to stop the fit."""
-  tmp = path + '.tmp.npz'
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(tmp, key=np.array(key), **arrays)
-    os.replace(tmp, path)
+    fileio.write_npz(path, key=np.array(key), **arrays)
   except OSError as e:
     logging.warning('fit_gmm: could not keep %s in %s (%s)', what, path, e)
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def cached_grid(config: ml_collections.ConfigDict, workdir: str
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`collect_grid`, kept in fit_gmm/ (atomically) and reused while it matches the config."""
   path = _grid_cache(workdir)
-  key = json.dumps({'source_dir': os.path.abspath(config.data.source_dir),
+  key = json.dumps({'source_dir': os.fspath(fileio.absolute(config.data.source_dir)),
                     'grid_format': _GRID_FORMAT, 'input_size': list(config.data.input_size),
                     'num_classes': config.data.num_classes,
                     'grid_size_hw': list(train.feature_grid(config))}, sort_keys=True)
@@ -191,14 +188,14 @@ def init_sample(classes: np.ndarray, depths: np.ndarray, num_classes: int, first
   return choose_sample(*offer, per_class)
 
 
-def _em_state_path(workdir: str) -> str:
-  return os.path.join(workdir, 'fit_gmm', 'em_state.npz')
+def _em_state_path(workdir: fileio.PathLike) -> fileio.Path:
+  return fileio.Path(workdir) / 'fit_gmm' / 'em_state.npz'
 
 
 def _em_key(config: ml_collections.ConfigDict, counts: np.ndarray) -> str:
   """What an EM state depends on: a saved state with another key is not resumed."""
   g = config.gmm
-  return json.dumps({'source_dir': os.path.abspath(config.data.source_dir),
+  return json.dumps({'source_dir': os.fspath(fileio.absolute(config.data.source_dir)),
                      'grid_format': _GRID_FORMAT, 'input_size': list(config.data.input_size),
                      'seed': config.seed,
                      'num_classes': config.data.num_classes, 'num_components': g.num_components,
@@ -271,10 +268,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'iterations': int(info['iterations']),
       'mean_log_likelihood': float(info['mean_log_likelihood']),
   }
-  reporting.write_json(os.path.join(workdir, 'fit_gmm', 'gmm.json'), record)
+  reporting.write_json(fileio.Path(workdir) / 'fit_gmm' / 'gmm.json', record)
   for path in (_grid_cache(workdir), _em_state_path(workdir)):
-    if os.path.exists(path) and (path != _em_state_path(workdir) or reporting.is_writer()):
-      os.remove(path)
+    if path.exists() and (path != _em_state_path(workdir) or reporting.is_writer()):
+      path.unlink()
   if reporting.is_writer():
     print(summary(record))
   return {'iterations': record['iterations'],
@@ -292,11 +289,10 @@ def summary(record: dict) -> str:
 
 
 def load_record(workdir: str) -> dict:
-  path = os.path.join(workdir, 'fit_gmm', 'gmm.json')
-  if not os.path.exists(path):
+  path = fileio.Path(workdir) / 'fit_gmm' / 'gmm.json'
+  if not path.exists():
     raise FileNotFoundError(f'{path} is missing (run the fit_gmm stage first)')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def load_params(workdir: str) -> gmm.GMMParams:

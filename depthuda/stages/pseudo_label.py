@@ -12,8 +12,8 @@ another model (adapt trained further, another threshold) are deleted, not reused
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from PIL import Image
 from jax.experimental import multihost_utils
 
 from depthuda import checkpointing
+from depthuda import fileio
 from depthuda import losses
 from depthuda import pseudo
 from depthuda import reporting
@@ -36,8 +37,8 @@ from depthuda.stages import fit_gmm
 IGNORE = 255
 
 
-def label_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'pseudo_label', 'labels')
+def label_dir(workdir: fileio.PathLike) -> fileio.Path:
+  return fileio.Path(workdir) / 'pseudo_label' / 'labels'
 
 
 def region_sizes(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
@@ -66,32 +67,32 @@ def _provenance(config: ml_collections.ConfigDict, model_meta: dict, sizes: np.n
           'input_size': list(config.data.input_size), 'num_classes': config.data.num_classes}
 
 
-def _read_provenance(out: str) -> dict | None:
+def _read_provenance(out: fileio.Path) -> dict | None:
   try:
-    with open(os.path.join(out, 'provenance.json')) as f:
-      return json.load(f)
+    return json.loads((out / 'provenance.json').read_text())
   except (OSError, ValueError):
     return None
 
 
-def _start_labelling(out: str, provenance: dict) -> None:
+def _start_labelling(out: fileio.Path, provenance: dict) -> None:
   """Keeps the labels of an earlier run with the same provenance; deletes anything else."""
   if reporting.is_writer():
-    os.makedirs(out, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     same = _read_provenance(out) == provenance
-    for name in os.listdir(out):
-      if name.endswith('.tmp') or (not same and name.endswith('.png')):
-        os.remove(os.path.join(out, name))
+    for path in out.iterdir():
+      if fileio.is_temporary(path.name) or (not same and path.suffix == '.png'):
+        path.unlink()
     if not same:
-      reporting.write_json(os.path.join(out, 'provenance.json'), provenance)
+      reporting.write_json(out / 'provenance.json', provenance)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('pseudo_label: labels directory ready')
 
 
-def _read_label(path: str, size_hw: tuple[int, int], num_classes: int) -> np.ndarray | None:
+def _read_label(path: fileio.Path, size_hw: tuple[int, int], num_classes: int
+                ) -> np.ndarray | None:
   """The [H, W] uint8 labels of an earlier run's PNG, or None if it is missing or unusable."""
   try:
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(path.read_bytes())) as image:
       labels = np.asarray(image)
   except (OSError, SyntaxError, ValueError):  # PIL's errors for missing or damaged files
     return None
@@ -108,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   w, h = config.data.input_size
   abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
                                              train=False))
-  ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt'))
+  ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
   try:
     variables, meta = ckpts.restore_model(config.model_selection, abstract)
   finally:
@@ -126,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   count = 0
   for example in reporting.progress(pipeline.target_images(config, 'selftrain'), desc='pseudo_label',
                                     unit='img'):
-    path = os.path.join(out, f"{example['name']}.png")
+    path = out / f"{example['name']}.png"
     labels = _read_label(path, (h, w), num_classes)  # Resume: reuse what an earlier run wrote.
     if labels is None:
       labels = pseudo.spatial_prior(np.asarray(confident(example['image'])), sizes,
@@ -161,9 +162,9 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
   provenance = _read_provenance(out)
   if not entry or provenance is None:
     return False
-  adapt = os.path.join(workdir, 'adapt')
+  adapt = fileio.Path(workdir) / 'adapt'
   model = None
-  if os.path.isdir(adapt):
+  if adapt.is_dir():
     ckpts = checkpointing.StageCheckpoints(adapt)
     model = ckpts.model_meta(config.model_selection)
     ckpts.close()
@@ -175,10 +176,11 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
     return False
   w, h = config.data.input_size
   count = 0
-  for name in os.listdir(out):
-    if name.endswith('.png'):
+  for path in out.iterdir():
+    if path.suffix == '.png':
       try:
-        with Image.open(os.path.join(out, name)) as image:
+        # PIL reads the header only; from a remote store, through an open file.
+        with path.open('rb') as f, Image.open(f) as image:
           if image.size != (w, h) or image.mode != 'L':
             return False
       except (OSError, SyntaxError, ValueError):

@@ -16,7 +16,6 @@ disk is good (`config.nonfinite='skip'` skips such updates instead).
 from __future__ import annotations
 
 import math
-import os
 import signal
 from typing import Any, Callable, Iterator
 
@@ -26,6 +25,7 @@ import ml_collections
 
 from depthuda import checkpointing
 from depthuda import converted
+from depthuda import fileio
 from depthuda import reporting
 from depthuda import train
 from depthuda.errors import InputError
@@ -73,7 +73,7 @@ def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: st
   abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, h, w, 3)), train=False))
   if stage == 'self_train':
-    ckpts = checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt'))
+    ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
     try:
       variables, _ = ckpts.restore_model(config.model_selection, abstract)
     finally:
@@ -123,7 +123,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
   """
   if config.nonfinite not in ('stop', 'skip'):
     raise InputError(f"config.nonfinite={config.nonfinite!r}: expected 'stop' or 'skip'")
-  stage_dir = os.path.join(workdir, stage)
+  stage_dir = fileio.Path(workdir) / stage
   num_steps = config[stage].num_steps
   mesh = train.make_mesh()
   try:
@@ -141,7 +141,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
 def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
            batches: Callable[[int], Iterator[dict]], mesh, seg, disc,
            ckpts: checkpointing.StageCheckpoints) -> dict:
-  stage_dir, num_steps = ckpts.directory, config[stage].num_steps
+  stage_dir, num_steps = fileio.Path(workdir) / stage, config[stage].num_steps
   resuming = ckpts.latest_step() is not None
   # A resumed run overwrites the initial variables: it needs no `init_from` any more.
   state, seg_tx, disc_tx = train.init_state(
@@ -220,9 +220,9 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
 def is_complete(stage: str, config: ml_collections.ConfigDict, workdir: str) -> bool:
   """results.json records the configured steps, and the final and best checkpoints exist."""
   results = reporting.read_results(workdir).get(stage)
-  stage_dir = os.path.join(workdir, stage)
+  stage_dir = fileio.Path(workdir) / stage
   if (not results or results.get('steps') != config[stage].num_steps
-      or not os.path.isdir(stage_dir)):
+      or not stage_dir.is_dir()):
     return False
   ckpts = checkpointing.StageCheckpoints(stage_dir)
   try:
