@@ -7,15 +7,22 @@ cannot reach. Files are checked through `tf.io.gfile`, independently of `fileio`
 import io
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from configs import test as test_config
+from depthuda import checkpointing
 from depthuda import fileio
+from depthuda import main
 from depthuda import reporting
+from depthuda import stages
 from depthuda import visualize
+from tests import main_runs
 
 
 @pytest.fixture(params=['local', 'remote'])
@@ -101,4 +108,55 @@ def test_reports_on_a_remote_workdir(remote_dir):
   log.scalars(3, {'loss_seg': 9.0})
   assert [r['loss_seg'] for r in reporting.read_metrics(f'{remote_dir}/adapt/metrics.jsonl')] == [
       0.5, 1.0, 9.0]
+  assert _no_local_scheme_folder()
+
+
+def _files(root: str) -> set[str]:
+  """Relative paths of the files under `root` (local or remote); event files by kind only."""
+  found = set()
+  for directory, _, names in tf.io.gfile.walk(root):
+    for name in names:
+      relative = os.path.relpath(os.path.join(directory, name), root) if '://' not in root else (
+          os.path.join(directory, name)[len(root) + 1:])
+      found.add(re.sub(r'events\.out\.tfevents\..*', 'events', relative))
+  return found
+
+
+def test_stages_write_every_output_to_a_remote_workdir(tmp_path_factory, tmp_path, remote_dir,
+                                                       monkeypatch):
+  """fit_gmm, pseudo_label, self_train and eval on a ram:// workdir, in this process (adapt's
+  checkpoints and log copied from the reference run): the workdir holds every file that the
+  reference run's local workdir holds, and nothing is written to a local folder.
+
+  Orbax writes arrays through TensorStore, which can write local files and gs:// but has no
+  ram:// driver: here the checkpoints alone go to a local folder.
+  """
+  reference = main_runs.reference_workdir(tmp_path_factory)
+  local = tmp_path / 'checkpoints'
+  shutil.copytree(os.path.join(reference, 'adapt'), local / 'adapt',
+                  ignore=shutil.ignore_patterns('tb', 'metrics.jsonl'))
+  tf.io.gfile.makedirs(f'{remote_dir}/adapt')
+  tf.io.gfile.copy(os.path.join(reference, 'adapt', 'metrics.jsonl'),
+                   f'{remote_dir}/adapt/metrics.jsonl')
+  reporting.update_results(remote_dir, 'adapt', main_runs.results(reference)['adapt'])
+  stage_checkpoints = checkpointing.StageCheckpoints
+
+  class LocalCheckpoints(stage_checkpoints):
+    def __init__(self, directory, *args, **kwargs):
+      super().__init__(os.fspath(directory).replace(remote_dir, str(local)), *args, **kwargs)
+
+  monkeypatch.setattr(checkpointing, 'StageCheckpoints', LocalCheckpoints)
+  config = test_config.get_config()
+  config.adapt.num_steps = 8  # as main_runs.ARGS
+  config.self_train.num_steps = config.checkpoint_every_steps = config.eval_every_steps = 2
+  config.log_images_every_steps = 0
+  main._write_config(remote_dir, config)
+  for stage in stages.STAGES:
+    stages.run(stage, config, remote_dir)
+
+  assert set(json.loads(_read(f'{remote_dir}/results.json'))) == set(stages.STAGES)
+  checkpoint_folders = re.compile(r'(adapt|self_train)/(checkpoints|best)/|adapt/tb/')
+  expected = {f for f in _files(reference) if not checkpoint_folders.match(f)}
+  assert _files(remote_dir) == expected
+  assert {f.split('/')[0] for f in _files(str(local))} == {'adapt', 'self_train'}
   assert _no_local_scheme_folder()

@@ -225,6 +225,13 @@ def test_missing_inputs_name_the_culprit(tmp_path):
     next(pipeline.target_train(c))
   with pytest.raises(InputError, match='expected cityscapes or mapillary'):
     next(pipeline.target_train(_config(str(tmp_path), toy=False, target='kitti')))
+  for field in ('source_dir', 'target_dir', 'tfds_dir'):
+    c = _config(str(tmp_path), toy=False)
+    c.data[field] = 'gs://bucket/data'
+    with pytest.raises(InputError, match=rf'^data.{field}=gs://bucket/data: dataset folders '
+                                         r'must be local paths;[^\n]*gcsfuse[^\n]*$'):
+      next(pipeline.source_train(c) if field != 'target_dir' else pipeline.target_train(c))
+  assert not os.path.exists('gs:')
 
 
 def test_synthia_builder_normalises_other_png_formats(tmp_path):

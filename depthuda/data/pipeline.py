@@ -66,13 +66,24 @@ def _lock(tfds_dir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _check_local_roots(data: ml_collections.ConfigDict) -> None:
+  """The dataset folders are read through the local filesystem (`os`, file locks), unlike the
+  workdir: a URL there would become a local folder named `gs:`."""
+  for field in ('source_dir', 'target_dir', 'tfds_dir'):
+    if fileio.is_url(data[field]):
+      raise InputError(f'data.{field}={data[field]}: dataset folders must be local paths; copy '
+                       'the data to a local disk or mount the bucket (gcsfuse)')
+
+
 def ensure_toy_data(config: ml_collections.ConfigDict) -> None:
   """Generates the toy datasets when config.data.toy is set and a directory is missing or was
-  written for other settings (`toy.generate`).
+  written for other settings (`toy.generate`). Every reader of the datasets calls it first, so
+  it also checks that their folders are local.
 
   Builds prepared from an earlier toy in data.tfds_dir are removed with it.
   """
   data = config.data
+  _check_local_roots(data)
   if not data.toy:
     return
   with _lock(data.tfds_dir):
