@@ -9,6 +9,7 @@ import signal
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import test as test_config
 from depthuda import checkpointing
@@ -22,7 +23,7 @@ from tests import main_runs
 
 
 def _read(path):
-  with open(path) as f:
+  with tf.io.gfile.GFile(os.fspath(path)) as f:  # local or remote (ram://)
     return f.read()
 
 
@@ -138,7 +139,9 @@ def test_pseudo_label_continues_where_it_stopped(labelled_workdir, tmp_path, mon
   assert len(calls) == 6
 
 
-def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
+def test_fit_gmm_resumes_without_scanning_again(tmp_path, remote_dir, monkeypatch):
+  """The cut-off run's workdir is on ram://, a URL as gs:// is: the scan cache and the EM state
+  are kept there too."""
   config = test_config.get_config()
   fit_gmm.run(config, str(tmp_path / 'clean'))
   expected = _read(tmp_path / 'clean' / 'fit_gmm' / 'gmm.json')
@@ -153,12 +156,13 @@ def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
         raise _Killed
     return fit_streaming(*args, **{**kwargs, 'progress': progress})
 
-  workdir = str(tmp_path / 'cut')
+  workdir = f'{remote_dir}/cut'
   with monkeypatch.context() as patch:
     patch.setattr(gmm_streaming, 'fit_streaming', killed_after_two)
     with pytest.raises(_Killed):
       fit_gmm.run(config, workdir)
   assert not fit_gmm.is_complete(config, workdir)
+  assert sorted(tf.io.gfile.listdir(f'{workdir}/fit_gmm')) == ['em_state.npz', 'grid.0-of-1.npz']
   monkeypatch.setattr(fit_gmm, 'collect_grid', lambda *a: pytest.fail('scanned again'))
 
   def counting(*args, **kwargs):
@@ -169,9 +173,10 @@ def test_fit_gmm_resumes_without_scanning_again(tmp_path, monkeypatch):
   monkeypatch.setattr(gmm_streaming, 'fit_streaming', counting)
   entry = fit_gmm.run(config, workdir)
   assert iterations[:3] == [1, 2, 3]  # EM went on from iteration 2, not from the start
-  assert _read(os.path.join(workdir, 'fit_gmm', 'gmm.json')) == expected
+  assert _read(f'{workdir}/fit_gmm/gmm.json') == expected
   # The scan cache and the EM state are gone.
-  assert os.listdir(os.path.join(workdir, 'fit_gmm')) == ['gmm.json']
+  assert tf.io.gfile.listdir(f'{workdir}/fit_gmm') == ['gmm.json']
+  assert not os.path.exists('ram:')
   reporting.update_results(workdir, 'fit_gmm', entry)
   assert fit_gmm.is_complete(config, workdir)
   config.gmm.num_components = 3
