@@ -212,8 +212,9 @@ def _batches(paths: Sequence[pathlib.Path], batch_size: int, input_size: Sequenc
     yield chunk, originals, batch
 
 
-def write_outputs(output_dir: fileio.PathLike, name: str, image_rgb: np.ndarray, classes: np.ndarray,
-                  density: np.ndarray, depth: np.ndarray, num_classes: int) -> None:
+def write_outputs(output_dir: fileio.PathLike, name: str, image_rgb: np.ndarray,
+                  classes: np.ndarray, density: np.ndarray, depth: np.ndarray,
+                  num_classes: int) -> None:
   """The five PNGs of one image; every array is [H, W] at the image's size."""
   out = lambda kind: fileio.Path(output_dir) / f'{name}_{kind}.png'
   visualize.save_png(out('classes'), classes)
@@ -224,8 +225,8 @@ def write_outputs(output_dir: fileio.PathLike, name: str, image_rgb: np.ndarray,
                                                                cmap='viridis'))
 
 
-def predict_images(config, seg, variables, paths: Sequence[pathlib.Path], output_dir: fileio.PathLike,
-                   batch_size: int = 8, desc: str = 'predict') -> None:
+def predict_images(config, seg, variables, paths: Sequence[pathlib.Path],
+                   output_dir: fileio.PathLike, batch_size: int = 8, desc: str = 'predict') -> None:
   """Runs the segmenter over `paths` in batches and writes five PNGs per image."""
   if batch_size < 1:
     raise InputError(f'--batch_size must be positive, got {batch_size}')
