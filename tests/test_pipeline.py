@@ -232,7 +232,7 @@ def test_missing_inputs_name_the_culprit(tmp_path):
     c.data[field] = 'gs://bucket/data'
     with pytest.raises(InputError, match=rf'^data.{field}=gs://bucket/data: dataset folders '
                                          r'must be local paths;[^\n]*gcsfuse[^\n]*$'):
-      next(pipeline.source_train(c) if field != 'target_dir' else pipeline.target_train(c))
+      next(pipeline.source_train(c, GRID) if field != 'target_dir' else pipeline.target_train(c))
   assert not os.path.exists('gs:')
 
 
