@@ -95,7 +95,7 @@ def main(argv):
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')  # The input pipeline must not take GPU memory.
     import tensorflow_datasets as tfds
-    tfds.disable_progress_bar()  # One-off dataset preparation; our own bars show the stages.
+    tfds.disable_progress_bar()  # Our bars show the stages; data/preparing.py shows its own.
     from depthuda import checkpointing
     from depthuda import reporting
     from depthuda import stages

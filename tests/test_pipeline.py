@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import re
 
 import jax
 import ml_collections
@@ -218,7 +219,7 @@ def test_pseudo_labeled_target(config, remote_dir):
 def test_missing_inputs_name_the_culprit(tmp_path):
   # One line each: what is missing, where it was looked for, how to obtain it.
   c = _config(str(tmp_path), toy=False)
-  with pytest.raises(InputError, match=r'^SYNTHIA: RGB/, parsed_LABELS/, Depth/ not found in '
+  with pytest.raises(InputError, match=r'^SYNTHIA: RGB/, parsed_LABELS/ or GT/LABELS/, Depth/ not found in '
                                        r'data.source_dir=/.*synthia-dataset.net[^\n]*$'):
     next(pipeline.source_train(c, GRID))
   with pytest.raises(InputError, match=r'^Cityscapes: leftImg8bit_trainvaltest.zip and '
@@ -236,20 +237,29 @@ def test_missing_inputs_name_the_culprit(tmp_path):
   assert not os.path.exists('gs:')
 
 
-def test_synthia_builder_normalises_other_png_formats(tmp_path):
-  """SYNTHIA's own files: depth in three identical 16-bit channels, labels as 16-bit colour."""
+def test_synthia_builder_reads_the_archive_as_unpacked(tmp_path, capsys):
+  """SYNTHIA-RAND-CITYSCAPES as it unpacks: RGB/, Depth/Depth/ (depth in three identical 16-bit
+  channels), GT/LABELS/ (16-bit, the id in the first channel), GT/COLOR/ (unused)."""
   import tensorflow as tf
   rng = np.random.default_rng(0)
   depth = rng.integers(0, 65536, (5, 7), np.uint16)
   ids = rng.integers(0, 23, (5, 7), np.uint16)
   rgba = rng.integers(0, 256, (5, 7, 4), np.uint8)
-  for folder in synthia.FOLDERS:
-    os.makedirs(tmp_path / 'src' / folder)
-  Image.fromarray(rgba).save(tmp_path / 'src' / 'RGB' / '0000000.png')
-  for folder, array in (('Depth', depth), ('parsed_LABELS', ids)):
-    png = tf.io.encode_png(np.repeat(array[..., None], 3, -1)).numpy()
-    (tmp_path / 'src' / folder / '0000000.png').write_bytes(png)
-  builder = synthia.prepare(str(tmp_path / 'src'), str(tmp_path / 'tfds'))
+  src = tmp_path / 'RAND_CITYSCAPES'
+  for folder in ('RGB', 'Depth/Depth', 'GT/LABELS', 'GT/COLOR'):
+    os.makedirs(src / folder)
+  Image.fromarray(rgba).save(src / 'RGB' / '0000000.png')
+  Image.fromarray(rgba).save(src / 'GT' / 'COLOR' / '0000000.png')
+  instances = rng.integers(0, 65536, (5, 7), np.uint16)  # the second channel: instance ids
+  for folder, array in (('Depth/Depth', np.stack([depth] * 3, -1)),
+                        ('GT/LABELS', np.stack([ids, instances, 0 * ids], -1))):
+    (src / folder / '0000000.png').write_bytes(tf.io.encode_png(array).numpy())
+  builder = synthia.prepare(str(src), str(tmp_path / 'tfds'))
+  # Preparation says what it does before it starts, once.
+  assert re.search(r'^depthuda: preparing SYNTHIA-RAND-CITYSCAPES \(1 images\) into '
+                   f'{builder.data_dir}, once; roughly 1 min', capsys.readouterr().err, re.M)
+  synthia.prepare(str(src), str(tmp_path / 'tfds'))
+  assert 'preparing' not in capsys.readouterr().err
   example = next(iter(builder.as_dataset(split='train')))
   np.testing.assert_array_equal(example['depth'][..., 0], depth)
   np.testing.assert_array_equal(example['label'][..., 0], ids)

@@ -15,10 +15,14 @@ import zipfile
 
 import tensorflow_datasets as tfds
 
+from depthuda.data import preparing
 from depthuda.errors import InputError
 
 ZIPS = ('leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip')
 SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}  # TFDS -> folder
+# Preparation time per image, roughly (README, Datasets): both zips are extracted (11 GB), then
+# TFDS's builder writes every image and label into its TFRecords.
+SECONDS_PER_IMAGE = 0.3
 
 
 def _image_counts(images_zip: str) -> dict[str, int]:
@@ -74,8 +78,10 @@ def prepare(target_dir: str, tfds_dir: str) -> tfds.core.DatasetBuilder:
     _check_labels(*paths)
     scratch = os.path.join(tfds_dir, 'downloads', 'cityscapes_extracted')
     shutil.rmtree(scratch, ignore_errors=True)  # a cut-off run's partial extraction
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=target_dir, extract_dir=scratch, try_download_gcs=False))
+    with preparing.announced('Cityscapes', builder.data_dir, sum(expected.values()),
+                             SECONDS_PER_IMAGE):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=target_dir, extract_dir=scratch, try_download_gcs=False))
     shutil.rmtree(scratch, ignore_errors=True)
   prepared = {split: builder.info.splits[split].num_examples for split in SPLITS}
   if prepared != expected:

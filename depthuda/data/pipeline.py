@@ -210,7 +210,7 @@ def _example_file(config: ml_collections.ConfigDict, example: dict, key: str | N
   if key is None and finish_dir:
     return os.path.join(finish_dir, name + '.png')
   if 'depth' in example:  # SYNTHIA
-    folder = {'image': 'RGB', 'label': 'parsed_LABELS', 'depth': 'Depth'}.get(key, '*')
+    folder = synthia.find_folders(config.data.source_dir).get(key, '*')
     return os.path.join(config.data.source_dir, folder, name + '.png')
   if 'image_left' in example:  # Cityscapes, read from its zips
     images_zip, labels_zip = (os.path.join(config.data.target_dir, z) for z in cityscapes.ZIPS)

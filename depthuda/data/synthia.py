@@ -1,6 +1,14 @@
 """SYNTHIA-RAND-CITYSCAPES as a TFDS dataset read from a manual directory.
 
-    <source_dir>/RGB/0000000.png            8-bit RGB image
+The folder as the archive unpacks (RAND_CITYSCAPES/):
+
+    <source_dir>/RGB/0000000.png          8-bit RGB image
+    <source_dir>/GT/LABELS/0000000.png    16-bit, class id in the first channel
+    <source_dir>/Depth/Depth/0000000.png  16-bit depth (three identical channels)
+
+or the flat layout of DADA and ADVENT's parsed copies (the original's), whose folders are used
+where present:
+
     <source_dir>/parsed_LABELS/0000000.png  8-bit SYNTHIA class ids, one channel
     <source_dir>/Depth/0000000.png          16-bit depth, one channel
 
@@ -23,10 +31,17 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from depthuda.data import preparing
 from depthuda.errors import InputError
 
-FOLDERS = ('RGB', 'parsed_LABELS', 'Depth')
+# Where each file kind is looked for, first existing folder first.
+FOLDERS = {'image': ('RGB',), 'label': ('parsed_LABELS', 'GT/LABELS'),
+           'depth': ('Depth/Depth', 'Depth')}
 
+
+# Preparation time per image, roughly (README, Datasets): the archive's 16-bit colour labels and
+# depth are decoded and written again as one-channel PNGs.
+SECONDS_PER_IMAGE = 0.2
 
 # SYNTHIA's class ids run from 0 (void) to 22 (lane marking); larger values mean the folder
 # holds something else (colour-coded labels, another dataset's ids).
@@ -84,25 +99,26 @@ def _rgb(path: str) -> str | np.ndarray:
   return _decode(path, lambda p: np.asarray(Image.open(p).convert('RGB')))
 
 
-def _checked_label(root: str, stem: str) -> str | np.ndarray:
+def _checked_label(root: str, folders: dict[str, str], stem: str) -> str | np.ndarray:
   """The label feature of `stem` (as `_single_channel`), after checking that its three files
   have one size and that its ids are SYNTHIA's."""
-  paths = {folder: os.path.join(root, folder, stem + '.png') for folder in FOLDERS}
+  paths = {folder: os.path.join(root, folder, stem + '.png') for folder in folders.values()}
   sizes = {folder: _png_header(path)[:2] for folder, path in paths.items()}
   if len(set(sizes.values())) > 1:
     raise InputError(f'SYNTHIA: {stem}.png differs in size between folders ('
                      + ', '.join(f'{f} {w}x{h}' for f, (w, h) in sizes.items()) + f') in {root}')
-  feature = _single_channel(paths['parsed_LABELS'], np.uint8)
+  path = paths[folders['label']]
+  feature = _single_channel(path, np.uint8)
   ids = (_decode(feature, lambda p: np.asarray(Image.open(p))) if isinstance(feature, str)
          else feature)
   if ids.max() > MAX_LABEL_ID:
-    raise InputError(f'{paths["parsed_LABELS"]}: label id {ids.max()} is not a SYNTHIA class '
-                     f'id (0-{MAX_LABEL_ID}); parsed_LABELS must hold ids, not colours')
+    raise InputError(f'{path}: label id {ids.max()} is not a SYNTHIA class id '
+                     f'(0-{MAX_LABEL_ID}); {folders["label"]} must hold ids, not colours')
   return feature
 
 
-DOWNLOAD = ('download SYNTHIA-RAND-CITYSCAPES from https://synthia-dataset.net and arrange '
-            'RGB/, Depth/ and parsed_LABELS/ there (README.md, Datasets)')
+DOWNLOAD = ('download SYNTHIA-RAND-CITYSCAPES from https://synthia-dataset.net and unpack it '
+            'there (RGB/, Depth/Depth/, GT/LABELS/; README.md, Datasets)')
 
 
 def _missing(what: str, source_dir: str) -> InputError:
@@ -110,16 +126,25 @@ def _missing(what: str, source_dir: str) -> InputError:
                     f'{os.path.abspath(source_dir)}; {DOWNLOAD}')
 
 
-def list_examples(source_dir: str) -> list[str]:
-  """Sorted file stems of `source_dir`, checked to have all three files."""
-  absent = [f + '/' for f in FOLDERS if not os.path.isdir(os.path.join(source_dir, f))]
+def find_folders(source_dir: str) -> dict[str, str]:
+  """The folder of each file kind ('image', 'label', 'depth') in `source_dir`, relative to it."""
+  found = {kind: next((f for f in candidates if os.path.isdir(os.path.join(source_dir, f))), '')
+           for kind, candidates in FOLDERS.items()}
+  absent = [' or '.join(f + '/' for f in FOLDERS[kind] if f != 'Depth/Depth')
+            for kind, folder in found.items() if not folder]
   if absent:
     raise _missing(', '.join(absent), source_dir)
-  stems = sorted(f[:-4] for f in os.listdir(os.path.join(source_dir, 'RGB'))
+  return found
+
+
+def list_examples(source_dir: str) -> list[str]:
+  """Sorted file stems of `source_dir`, checked to have all three files."""
+  folders = find_folders(source_dir)
+  stems = sorted(f[:-4] for f in os.listdir(os.path.join(source_dir, folders['image']))
                  if f.endswith('.png'))
   if not stems:
-    raise _missing('PNG images in RGB/', source_dir)
-  for folder in FOLDERS[1:]:
+    raise _missing(f'PNG images in {folders["image"]}/', source_dir)
+  for folder in (folders['label'], folders['depth']):
     present = {f[:-4] for f in os.listdir(os.path.join(source_dir, folder))}
     missing = [s for s in stems if s not in present]
     if missing:
@@ -132,15 +157,16 @@ class SynthiaRandCityscapes(tfds.core.GeneratorBasedBuilder):
   """SYNTHIA-RAND-CITYSCAPES: synthetic street scenes with class ids and depth."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'RGB, parsed_LABELS and Depth of SYNTHIA-RAND-CITYSCAPES.'}
+  RELEASE_NOTES = {'1.0.0': 'RGB, labels and depth of SYNTHIA-RAND-CITYSCAPES.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download SYNTHIA-RAND-CITYSCAPES (CVPR16) from https://synthia-dataset.net
-  (Downloads page) and extract it. Arrange `manual_dir` (data.source_dir) as
-    RGB/NNNNNNN.png            the images (RAND_CITYSCAPES/RGB)
-    Depth/NNNNNNN.png          16-bit depth (RAND_CITYSCAPES/Depth/Depth)
-    parsed_LABELS/NNNNNNN.png  class ids: 8-bit one-channel labels as DADA and
-                               ADVENT use them, or the raw 16-bit GT/LABELS
-                               files (the first channel holds the id).
+  (Downloads page) and extract it; `manual_dir` (data.source_dir) is the
+  unpacked RAND_CITYSCAPES folder:
+    RGB/NNNNNNN.png            the images
+    Depth/Depth/NNNNNNN.png    16-bit depth
+    GT/LABELS/NNNNNNN.png      16-bit labels, the class id in the first channel
+  parsed_LABELS/ (8-bit ids, as DADA and ADVENT use them) and a flat Depth/
+  are read instead where present.
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -164,12 +190,13 @@ class SynthiaRandCityscapes(tfds.core.GeneratorBasedBuilder):
     return {'train': self._generate_examples(root, list_examples(root))}
 
   def _generate_examples(self, root: str, stems: list[str]):
+    folders = find_folders(root)
     for stem in stems:
-      path = lambda folder: os.path.join(root, folder, stem + '.png')
+      path = lambda kind: os.path.join(root, folders[kind], stem + '.png')
       yield stem, {
-          'image': _rgb(path('RGB')),
-          'label': _checked_label(root, stem),
-          'depth': _single_channel(path('Depth'), np.uint16),
+          'image': _rgb(path('image')),
+          'label': _checked_label(root, folders, stem),
+          'depth': _single_channel(path('depth'), np.uint16),
           'name': stem,
       }
 
@@ -179,8 +206,10 @@ def prepare(source_dir: str, tfds_dir: str) -> tfds.core.DatasetBuilder:
   stems = list_examples(source_dir)
   builder = SynthiaRandCityscapes(data_dir=tfds_dir)
   if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=source_dir, try_download_gcs=False))
+    with preparing.announced('SYNTHIA-RAND-CITYSCAPES', builder.data_dir, len(stems),
+                             SECONDS_PER_IMAGE):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=source_dir, try_download_gcs=False))
   prepared = builder.info.splits['train'].num_examples
   if prepared != len(stems):
     raise InputError(f'{builder.data_dir} holds {prepared} SYNTHIA images but {source_dir} has '
