@@ -1,13 +1,14 @@
 # depthuda: two commands on a fresh machine with Python 3.11 and pip.
 #   make demo   create .venv, install, run the toy pipeline end to end, print results
 #   make test   create .venv, install with the test extra (adds torch), run the test suite
+#   make rehearse  the five experiment configs, tiny network, on synthetic data of real size
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/toy
 
-.PHONY: demo test install clean
+.PHONY: demo test rehearse install clean
 
 # `demo` installs depthuda alone; `test` adds the test extra (pytest and the CPU build of torch,
 # the reference the tests compare with).
@@ -31,6 +32,9 @@ demo: install
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests
+
+rehearse: install
+	$(PY) tests/rehearse.py
 
 clean:
 	rm -rf $(VENV) runs
