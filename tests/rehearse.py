@@ -183,10 +183,10 @@ def check(name: str, workdir: str, histogram: list[int], num_selftrain: int) -> 
   missing = {'fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval'} - set(results)
   if missing:
     problems.append(f'results.json lacks {sorted(missing)}')
-  with np.load(os.path.join(workdir, 'fit_gmm', 'grid.0-of-1.npz')) as scanned:
-    shapes = {k: scanned[k].shape for k in scanned.files}
-  if not any(s == (NUM_SOURCE,) + grid for s in shapes.values()):
-    problems.append(f'fit_gmm grid {shapes}, expected {(NUM_SOURCE,) + grid}')
+  with open(os.path.join(workdir, 'fit_gmm', 'gmm.json')) as f:
+    fitted = json.load(f)
+  if tuple(fitted['grid_size_hw']) != grid:
+    problems.append(f'fit_gmm on a {fitted["grid_size_hw"]} grid, expected {grid}')
   for stage, steps in (('adapt', 2), ('self_train', 1)):
     records = [json.loads(line) for line in open(os.path.join(workdir, stage, 'metrics.jsonl'))]
     if max(r['step'] for r in records) != steps:

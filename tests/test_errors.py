@@ -377,8 +377,8 @@ def test_full_disk_is_one_line_and_keeps_earlier_results(failing_runs):
 def test_missing_dataset_is_one_line_and_keeps_earlier_results(failing_runs, tmp_path):
   process, workdir, before = failing_runs['missing dataset']
   completed = main_runs.finish(process)
-  _assert_one_line_error(completed, r'depthuda: error: SYNTHIA: RGB/, parsed_LABELS/, Depth/ not '
-                         r'found in data.source_dir=.*/nowhere; .*')
+  _assert_one_line_error(completed, r'depthuda: error: SYNTHIA: RGB/, parsed_LABELS/ or '
+                         r'GT/LABELS/, Depth/ not found in data.source_dir=.*/nowhere; .*')
   assert open(os.path.join(workdir, 'results.json')).read() == before
 
 
