@@ -133,10 +133,11 @@ def write_mapillary(root: str) -> list[int]:
   for folder in ('training/images', 'validation/images', 'validation/labels'):
     os.makedirs(os.path.join(root, folder))
   histogram = np.zeros(256, np.int64)
-  for split, sizes in (('training', MAPILLARY_TRAIN), ('validation', MAPILLARY_VAL)):
+  for s, (split, sizes) in enumerate((('training', MAPILLARY_TRAIN),
+                                      ('validation', MAPILLARY_VAL))):
     for i, size in enumerate(sizes):
       rgb, classes, _ = _scene(toy_scene.TARGET_STYLE, (size[0] // 8 * 8, size[1] // 8 * 8),
-                               [2, len(split), i], 8)
+                               [2, s, i], 8)
       name = f'{split[:1]}{i:021d}'
       Image.fromarray(rgb).resize(size, Image.BILINEAR).save(
           os.path.join(root, split, 'images', name + '.jpg'), quality=90)

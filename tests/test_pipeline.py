@@ -219,8 +219,9 @@ def test_pseudo_labeled_target(config, remote_dir):
 def test_missing_inputs_name_the_culprit(tmp_path):
   # One line each: what is missing, where it was looked for, how to obtain it.
   c = _config(str(tmp_path), toy=False)
-  with pytest.raises(InputError, match=r'^SYNTHIA: RGB/, parsed_LABELS/ or GT/LABELS/, Depth/ not found in '
-                                       r'data.source_dir=/.*synthia-dataset.net[^\n]*$'):
+  with pytest.raises(InputError, match=r'^SYNTHIA: RGB/, parsed_LABELS/ or GT/LABELS/, Depth/ '
+                                       r'not found in data.source_dir=/.*synthia-dataset.net'
+                                       r'[^\n]*$'):
     next(pipeline.source_train(c, GRID))
   with pytest.raises(InputError, match=r'^Cityscapes: leftImg8bit_trainvaltest.zip and '
                                        r'gtFine_trainvaltest.zip not found in data.target_dir=/'
