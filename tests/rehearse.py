@@ -9,8 +9,8 @@ at 1280x760, 16-bit three-channel PNGs, raw depth 0 included), the two Cityscape
 ratios. Then every stage of each experiment config runs through `python -m depthuda.main` with
 the network shrunk and the step counts cut (the data settings are the configs' own), and the
 outputs are checked: results.json, metrics.jsonl, the feature grid of fit_gmm, pseudo-labels at
-the input size, and evaluation at the labels' own size (the confusion matrix counts every valid
-label pixel). Catches what the toy's small sizes hide. `make rehearse`; not part of `make test`.
+the input size, and evaluation at the size eval.protocol sets (the confusion matrix counts every
+valid label pixel: Cityscapes at 2048x1024, Mapillary fitted to the input size). Catches what the toy's small sizes hide. `make rehearse`; not part of `make test`.
 """
 
 from __future__ import annotations
@@ -107,10 +107,9 @@ def write_synthia(root: str) -> None:
         f.write(_png(array))
 
 
-def write_cityscapes(root: str) -> list[int]:
-  """The two official zips; returns the pixel count of each label id in the val split."""
+def write_cityscapes(root: str) -> None:
+  """The two official zips."""
   os.makedirs(root)
-  histogram = np.zeros(256, np.int64)
   with zipfile.ZipFile(os.path.join(root, 'leftImg8bit_trainvaltest.zip'), 'w') as images, \
       zipfile.ZipFile(os.path.join(root, 'gtFine_trainvaltest.zip'), 'w') as gt:
     for s, (split, count) in enumerate(CITYSCAPES_COUNTS.items()):
@@ -122,17 +121,12 @@ def write_cityscapes(root: str) -> list[int]:
         stem = f'{split}/{city}/{city}_{i:06d}_000019'
         images.writestr(f'leftImg8bit/{stem}_leftImg8bit.png', _png(rgb))
         gt.writestr(f'gtFine/{stem}_gtFine_labelIds.png', _png(ids))
-        if split == 'val':
-          histogram += np.bincount(ids.ravel(), minlength=256)
-  return histogram.tolist()
 
 
-def write_mapillary(root: str) -> list[int]:
-  """training/images, validation/{images,labels} (palette PNGs), config.json; returns the
-  pixel count of each label id in validation."""
+def write_mapillary(root: str) -> None:
+  """training/images, validation/{images,labels} (palette PNGs), config.json."""
   for folder in ('training/images', 'validation/images', 'validation/labels'):
     os.makedirs(os.path.join(root, folder))
-  histogram = np.zeros(256, np.int64)
   for s, (split, sizes) in enumerate((('training', MAPILLARY_TRAIN),
                                       ('validation', MAPILLARY_VAL))):
     for i, size in enumerate(sizes):
@@ -146,10 +140,31 @@ def write_mapillary(root: str) -> list[int]:
         label = Image.fromarray(ids, 'P')
         label.putpalette(np.random.default_rng(0).integers(0, 256, 768, np.uint8).tolist())
         label.save(os.path.join(root, split, 'labels', name + '.png'))
-        histogram += np.bincount(ids.ravel(), minlength=256)
   with open(os.path.join(root, 'config.json'), 'w') as f:
     json.dump({'labels': [{'name': n} for n in labels.MAPILLARY_LABELS]}, f)
-  return histogram.tolist()
+
+
+def scored_pixels(config, data: str) -> int:
+  """The validation label pixels the evaluation must count: every valid one at the labels' own
+  size ('native'), or, for Mapillary's 'input_size' protocol, after resizing each label
+  (nearest, aspect kept) to fit the input size as its image is (METHOD §7)."""
+  table = labels.label_map(config.data.target, config.data.num_classes)
+  if config.data.target == 'cityscapes':
+    with zipfile.ZipFile(os.path.join(data, 'cityscapes', 'gtFine_trainvaltest.zip')) as gt:
+      images = [Image.open(io.BytesIO(gt.read(n))) for n in gt.namelist()
+                if n.startswith('gtFine/val/')]
+  else:
+    folder = os.path.join(data, 'mapillary', 'validation', 'labels')
+    images = [Image.open(os.path.join(folder, n)) for n in sorted(os.listdir(folder))]
+  total = 0
+  for image in images:
+    if config.eval.protocol == 'input_size':
+      (w, h), (width, height) = config.data.input_size, image.size
+      fitted = ((w, int(height * (w / width))) if width / height > w / h
+                else (int(width * (h / height)), h))
+      image = image.resize(fitted, Image.NEAREST)
+    total += int((table[np.asarray(image)] != labels.IGNORE_LABEL).sum())
+  return total
 
 
 def _run(name: str, data: str, workdir: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -169,13 +184,11 @@ def _png_size(path: str) -> tuple[int, int]:
     return image.size
 
 
-def check(name: str, workdir: str, histogram: list[int], num_selftrain: int) -> list[str]:
-  """What is wrong with `workdir`'s outputs (empty: all right); `histogram` counts the label
-  ids of the validation split."""
+def check(name: str, workdir: str, data: str, num_selftrain: int) -> list[str]:
+  """What is wrong with `workdir`'s outputs (empty: all right)."""
   import importlib
   config = importlib.import_module(f'configs.{name}').get_config()
-  table = labels.label_map(config.data.target, config.data.num_classes)
-  valid_pixels = int(np.asarray(histogram)[table != labels.IGNORE_LABEL].sum())
+  valid_pixels = scored_pixels(config, data)
   w, h = config.data.input_size
   grid = {(760, 1280): (96, 161), (320, 640): (41, 81)}[(h, w)]
   problems = []
@@ -225,12 +238,8 @@ def main() -> int:
   start = time.monotonic()
   if not os.path.isdir(data):
     write_synthia(os.path.join(data, 'RAND_CITYSCAPES'))
-    valid = {'cityscapes': write_cityscapes(os.path.join(data, 'cityscapes')),
-             'mapillary': write_mapillary(os.path.join(data, 'mapillary'))}
-    with open(os.path.join(data, 'valid.json'), 'w') as f:
-      json.dump(valid, f)
-  with open(os.path.join(data, 'valid.json')) as f:
-    valid = json.load(f)
+    write_cityscapes(os.path.join(data, 'cityscapes'))
+    write_mapillary(os.path.join(data, 'mapillary'))
   print(f'rehearse: data in {data} ({time.monotonic() - start:.0f} s)', flush=True)
   names = args.configs.split(',')
   failed = 0
@@ -246,7 +255,7 @@ def main() -> int:
       selftrain = len(MAPILLARY_TRAIN) if target == 'mapillary' else CITYSCAPES_COUNTS['train']
       problems = ([f'exit status {done.returncode}: {done.stderr.strip()[-2000:]}']
                   if done.returncode else
-                  check(name, os.path.join(root, name), valid[target], selftrain))
+                  check(name, os.path.join(root, name), data, selftrain))
       failed += bool(problems)
       print(f'rehearse: {name}: {"FAILED" if problems else "ok"} ({seconds:.0f} s)', flush=True)
       for problem in problems:
