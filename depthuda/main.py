@@ -128,6 +128,9 @@ def _initialize_distributed(jax) -> None:
                   process_id=int(os.environ['JAX_PROCESS_ID']))
   if os.environ.get('JAX_PLATFORMS') == 'cpu':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Its preemption notifier would take SIGTERM from our handlers and only log it; the training
+  # loop agrees on stopping across processes itself (stages/training.py).
+  jax.config.update('jax_enable_preemption_service', False)
   jax.distributed.initialize(**kwargs)
 
 

@@ -4,17 +4,22 @@ Two processes on localhost (CPU devices, gloo collectives), each feeding its hal
 batch through `train.shard_batch`, run a few adapt steps of a tiny config; their losses must be
 those of one process with the same number of devices. The file is also the worker script:
 `python tests/test_multiprocess.py PROCESS_ID NUM_PROCESSES PORT OUT.json` (devices per process
-from XLA_FLAGS).
+from XLA_FLAGS). Then `depthuda.main` itself on two processes of two devices each: a signal to
+one process stops both after the same step.
 """
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests import main_runs
 
 STEPS = 3
 NUM_PROCESSES = 2
@@ -102,6 +107,73 @@ def test_two_processes_equal_one_process(tmp_path, devices_per_process):
       np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7,
                                  err_msg=f'{name} at step {step}')
   assert len(result['history']) == STEPS
+
+
+def test_sigterm_still_reaches_depthuda_after_distributed_initialize():
+  """jax.distributed's preemption notifier must not take SIGTERM from main's handler."""
+  script = ('import os, signal, sys, time, jax\n'
+            'from depthuda import main\n'
+            'signal.signal(signal.SIGTERM, main._raise_interrupted)\n'
+            'main._initialize_distributed(jax)\n'
+            'try:\n'
+            '  os.kill(os.getpid(), signal.SIGTERM)\n'
+            '  time.sleep(10)\n'
+            'except main.Interrupted as e:\n'
+            '  sys.exit(128 + e.signum)\n')
+  env = dict(main_runs.ENV, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
+             JAX_NUM_PROCESSES='1', JAX_PROCESS_ID='0', PYTHONPATH=REPO)
+  completed = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, text=True,
+                             capture_output=True, timeout=main_runs.TIMEOUT)
+  assert completed.returncode == 128 + signal.SIGTERM, completed.stderr[-3000:]
+
+
+def _main_processes(workdir: str, *args: str) -> list[subprocess.Popen]:
+  """`depthuda.main --multihost` on 2 processes of 2 CPU devices, as launch/local_multiprocess.sh
+  starts them."""
+  env = dict(main_runs.ENV, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
+             JAX_NUM_PROCESSES=str(NUM_PROCESSES),
+             XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                       '--xla_backend_optimization_level=0')
+  procs = []
+  for i in range(NUM_PROCESSES):
+    procs.append(subprocess.Popen(
+        main_runs.command(workdir, '--multihost', '--config.batch_size=4', *args), cwd=REPO,
+        env=dict(env, JAX_PROCESS_ID=str(i)), text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE))
+    main_runs._started.append(procs[-1])  # pylint: disable=protected-access
+  return procs
+
+
+def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path_factory,
+                                                                         tmp_path):
+  """SIGTERM to process 1 alone, during adapt: both processes save one checkpoint of the same
+  step and exit with 143 (none waits forever in a collective the other never joins); the rerun
+  logs what an uninterrupted two-process run logs."""
+  reference = main_runs.reference_workdir(tmp_path_factory)
+  whole = main_runs.copy_stages(reference, str(tmp_path / 'whole'), ('fit_gmm',))
+  cut = main_runs.copy_stages(reference, str(tmp_path / 'cut'), ('fit_gmm',))
+  uninterrupted = _main_processes(whole, '--stage=adapt')
+  stopped = _main_processes(cut, '--stage=adapt')
+  main_runs.wait_until(lambda: main_runs.metrics(cut, 'adapt'), stopped[0])
+  stopped[1].send_signal(signal.SIGTERM)
+  steps = []
+  for i, proc in enumerate(stopped):
+    completed = main_runs.finish(proc)
+    assert completed.returncode == 128 + signal.SIGTERM, f'{i}: {completed.stderr[-3000:]}'
+    (line,) = main_runs.error_lines(completed)
+    steps.append(int(re.fullmatch(r'depthuda: adapt: stopped by SIGTERM at step (\d+); '
+                                  r'checkpoint saved, rerun the same command to continue',
+                                  line)[1]))
+  assert steps[0] == steps[1] == main_runs.checkpoint_steps(cut, 'adapt')[-1] < 8
+
+  for proc in _main_processes(cut, '--stage=adapt') + uninterrupted:
+    completed = main_runs.finish(proc)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+  with open(os.path.join(whole, 'adapt', 'metrics.jsonl')) as f:
+    expected = f.read()
+  assert len(expected.splitlines()) == 8 + 2  # 8 steps, 2 evaluations
+  with open(os.path.join(cut, 'adapt', 'metrics.jsonl')) as f:
+    assert f.read() == expected
 
 
 if __name__ == '__main__':

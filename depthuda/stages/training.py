@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from depthuda import checkpointing
 from depthuda import converted
@@ -37,27 +39,39 @@ _SKIP_WARNINGS = 10  # skipped steps reported one by one; results.json counts th
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks: checkpoint, then exit cleanly."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks: checkpoint, then exit cleanly.
+
+  `agree()` after every step makes the flag the same in every process (each receives its own
+  signals, maybe at different steps), so that all of them save the same step and stop together.
+  """
 
   def __init__(self):
-    self.signum = None
-    self._previous = {}
+    self.signum = None  # agreed by every process
+    self._received = None  # this process's
 
   @property
   def requested(self) -> bool:
     return self.signum is not None
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    self._previous = {sig: signal.signal(sig, self._handle)
+                      for sig in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def _handle(self, signum, frame):
     del frame
-    if self.signum is not None:  # Asked twice: the user does not want to wait for the save.
+    if self._received is not None:  # Asked twice: the user does not want to wait for the save.
       raise Interrupted(f'stopped by {signal.Signals(signum).name} without saving a checkpoint',
                         signum)
-    self.signum = signum
+    self._received = signum
+
+  def agree(self) -> None:
+    """Sets `signum` to a signal some process received, or None: the same in every process."""
+    if jax.process_count() == 1:
+      self.signum = self._received
+    else:  # one tiny collective per step; a ResNet-101 step is thousands of times longer
+      received = multihost_utils.process_allgather(np.int32(self._received or 0))
+      self.signum = int(np.max(received)) or None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -178,6 +192,7 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
         state, metrics = step_fn(state, train.shard_batch(next(stream), mesh), *extra)
         done = step + 1
         bar.update(1)
+        stop.agree()
         pending.append((done, metrics))
         last = done == num_steps
         log_now = done % config.log_every_steps == 0 or last
