@@ -129,29 +129,28 @@ def test_sigterm_still_reaches_depthuda_after_distributed_initialize():
 
 def _main_processes(workdir: str, *args: str) -> list[subprocess.Popen]:
   """`depthuda.main --multihost` on 2 processes of 2 CPU devices, as launch/local_multiprocess.sh
-  starts them."""
+  starts them; adapt without the GMM losses, so that it needs no fit_gmm stage."""
   env = dict(main_runs.ENV, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
              JAX_NUM_PROCESSES=str(NUM_PROCESSES),
              XLA_FLAGS='--xla_force_host_platform_device_count=2 '
                        '--xla_backend_optimization_level=0')
+  args = ('--multihost', '--config.batch_size=4', '--config.loss.lambda_bal_src=0',
+          '--config.loss.lambda_bal_tgt=0', *args)
   procs = []
   for i in range(NUM_PROCESSES):
-    procs.append(subprocess.Popen(
-        main_runs.command(workdir, '--multihost', '--config.batch_size=4', *args), cwd=REPO,
-        env=dict(env, JAX_PROCESS_ID=str(i)), text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE))
+    procs.append(subprocess.Popen(main_runs.command(workdir, *args), cwd=REPO,
+                                  env=dict(env, JAX_PROCESS_ID=str(i)), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     main_runs._started.append(procs[-1])  # pylint: disable=protected-access
   return procs
 
 
-def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path_factory,
-                                                                         tmp_path):
+def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
   """SIGTERM to process 1 alone, during adapt: both processes save one checkpoint of the same
   step and exit with 143 (none waits forever in a collective the other never joins); the rerun
   logs what an uninterrupted two-process run logs."""
-  reference = main_runs.reference_workdir(tmp_path_factory)
-  whole = main_runs.copy_stages(reference, str(tmp_path / 'whole'), ('fit_gmm',))
-  cut = main_runs.copy_stages(reference, str(tmp_path / 'cut'), ('fit_gmm',))
+  main_runs.prepare_test_data()
+  whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
   uninterrupted = _main_processes(whole, '--stage=adapt')
   stopped = _main_processes(cut, '--stage=adapt')
   main_runs.wait_until(lambda: main_runs.metrics(cut, 'adapt'), stopped[0])
