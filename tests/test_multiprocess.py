@@ -151,7 +151,6 @@ def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path)
   logs what an uninterrupted two-process run logs."""
   main_runs.prepare_test_data()
   whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
-  uninterrupted = _main_processes(whole, '--stage=adapt')
   stopped = _main_processes(cut, '--stage=adapt')
   main_runs.wait_until(lambda: main_runs.metrics(cut, 'adapt'), stopped[0])
   stopped[1].send_signal(signal.SIGTERM)
@@ -165,7 +164,8 @@ def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path)
                                   line)[1]))
   assert steps[0] == steps[1] == main_runs.checkpoint_steps(cut, 'adapt')[-1] < 8
 
-  for proc in _main_processes(cut, '--stage=adapt') + uninterrupted:
+  # Side by side, and with the compiled programs cached by the first run.
+  for proc in _main_processes(cut, '--stage=adapt') + _main_processes(whole, '--stage=adapt'):
     completed = main_runs.finish(proc)
     assert completed.returncode == 0, completed.stderr[-3000:]
   with open(os.path.join(whole, 'adapt', 'metrics.jsonl')) as f:
