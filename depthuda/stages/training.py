@@ -48,14 +48,15 @@ class _StopRequest:
   def __init__(self):
     self.signum = None  # agreed by every process
     self._received = None  # this process's
+    self._previous = {}
 
   @property
   def requested(self) -> bool:
     return self.signum is not None
 
   def __enter__(self):
-    self._previous = {sig: signal.signal(sig, self._handle)
-                      for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
