@@ -74,7 +74,8 @@ def test_log_file_gets_one_plain_line_per_log_step(tmp_path_factory):
       assert set(losses) | {'loss', 'lr'} <= set(fields), line
       assert re.search(r', [\d.e+-]+ step/s, (ETA \d+:\d\d:\d\d|done)$', line), line
   for phase in (r'fit_gmm: scan: batch (\d+)/\1', r'fit_gmm: EM: iter \d+/20',
-                r'pseudo_label: img 6/6', r'adapt eval @4: img 3/3', r'eval \(self_train step \d+\): img 3/3'):
+                r'pseudo_label: img 6/6', r'adapt eval @4: img 3/3',
+                r'eval \(self_train best step \d+\): img 3/3'):
     assert any(re.match(phase + r', [\d.e+-]+ \w+/s, done$', line) for line in lines), (phase, lines)
 
 
