@@ -73,6 +73,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.lambda_bal_tgt = 0.05
   c.loss.lambda_adv = 0.05
   c.loss.class_weights = CLASS_WEIGHTS_16
+  # What the discriminator classifies (the reviewers' ablations; README, "Results"), each from
+  # the segmentation softmax p = softmax(up(seg)): 'softmax' p itself (AdaptSegNet); 'entropy'
+  # the weighted self-information -p log2 p / log2 C (AdvEnt); 'entropy_depth' that times the
+  # predicted inverse depth (DADA-style); 'entropy_density' that times the predicted density
+  # (the method, METHOD §5).
+  c.loss.disc_input = 'entropy_density'
+  # False: no density supervision (L_bal_src and L_bal_tgt off whatever their lambdas; the
+  # density head then only moves through D's input).
+  c.loss.density_losses = True
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2.5e-4
@@ -88,6 +97,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.adapt.num_steps = 90_000
   c.self_train = ml_collections.ConfigDict()
   c.self_train.num_steps = 30_000
+  # False: no pseudo_label and self_train stages; `eval` scores the adapt stage's model.
+  c.self_train.enabled = True
 
   c.gmm = ml_collections.ConfigDict()
   c.gmm.num_components = 5
@@ -98,6 +109,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.pseudo = ml_collections.ConfigDict()
   c.pseudo.threshold = 0.9
+  # False: pseudo-labels are the confidence rule alone, without the spatial aggregation prior's
+  # removal of regions smaller than N_c.
+  c.pseudo.spatial_prior = True
   # None: computed from the source pixel counts (METHOD §6); a tuple overrides.
   c.pseudo.min_region_sizes = ml_collections.FieldReference(None, field_type=tuple)
   # The input size at which the computed N_c hold (METHOD §6); other sizes scale by area.

@@ -150,6 +150,7 @@ _CHOICES = {
     'nonfinite': ('stop', 'skip'),
     'model.bn_mode': ('train', 'frozen'),
     'model.head_init': ('normal', 'he'),
+    'loss.disc_input': ('softmax', 'entropy', 'entropy_depth', 'entropy_density'),
     'data.source': ('synthia',),
     'data.target': ('cityscapes', 'mapillary'),
     'data.num_classes': (7, 16),

@@ -180,3 +180,43 @@ def entropy_map(logits: jax.Array) -> jax.Array:
     raise ValueError(f'entropy_map needs at least 2 classes, got {num_classes}.')
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.exp(log_p) * log_p / math.log(num_classes)
+
+
+# What the discriminator may classify (config.loss.disc_input); the last is the method's.
+DISC_INPUTS = ('softmax', 'entropy', 'entropy_depth', 'entropy_density')
+
+
+def discriminator_input(mode: str, seg_logits: jax.Array, density: jax.Array, depth: jax.Array,
+                        size: tuple[int, int]) -> jax.Array:
+  """The discriminator's input at the input size, from grid outputs (bilinear, align corners).
+
+  Args:
+    mode: 'softmax' softmax(up(seg)) (AdaptSegNet); 'entropy' entropy_map(up(seg)) (AdvEnt);
+      'entropy_depth' that times up(depth), the predicted inverse depth (DADA's fusion of
+      self-information with depth); 'entropy_density' that times up(density) (the method,
+      METHOD §5).
+    seg_logits: [B, h, w, C]; density, depth: [B, h, w, 1].
+    size: (H, W) of the input images.
+  Returns:
+    [B, H, W, C] float32.
+  """
+  if mode not in DISC_INPUTS:
+    raise ValueError(f'discriminator input must be one of {DISC_INPUTS}, got {mode!r}')
+  up_seg = upsample_bilinear(seg_logits.astype(jnp.float32), size)
+  if mode == 'softmax':
+    return jax.nn.softmax(up_seg, axis=-1)
+  entropy = entropy_map(up_seg)
+  if mode == 'entropy':
+    return entropy
+  weight = density if mode == 'entropy_density' else depth
+  return entropy * upsample_bilinear(weight.astype(jnp.float32), size)
+
+
+def loss_weights(loss_config) -> dict[str, float]:
+  """The weight of each adaptation loss term by name ('loss_seg', ...; `config.loss`'s lambdas),
+  with the density terms at 0 when `loss_config.density_losses` is off."""
+  weights = {name: float(getattr(loss_config, 'lambda_' + name[len('loss_'):]))
+             for name in ('loss_seg', 'loss_depth', 'loss_bal_src', 'loss_bal_tgt', 'loss_adv')}
+  if not loss_config.density_losses:
+    weights['loss_bal_src'] = weights['loss_bal_tgt'] = 0.0
+  return weights

@@ -190,23 +190,21 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
   Returns the new state and a dict of scalars (averaged over devices).
   """
   lam = config.loss
-  use_target = lam.lambda_adv > 0 or lam.lambda_bal_tgt > 0
-  use_disc = lam.lambda_adv > 0
+  weights = losses.loss_weights(lam)
+  use_target = weights['loss_adv'] > 0 or weights['loss_bal_tgt'] > 0
+  use_disc = weights['loss_adv'] > 0
   train_bn = config.model.bn_mode == 'train'
   src, tgt = batch['source'], batch['target']
   size = src['image'].shape[1:3]
   class_weights = None if lam.class_weights is None else jnp.asarray(lam.class_weights, jnp.float32)
   scale = config.gmm.density_scale
 
-  def disc_input(seg_logits, dens):
-    """entropy(softmax(up(seg))) * up(density): what D classifies."""
-    up_seg = losses.upsample_bilinear(seg_logits.astype(jnp.float32), size)
-    up_dens = losses.upsample_bilinear(dens.astype(jnp.float32), size)
-    return losses.entropy_map(up_seg) * up_dens
+  def disc_input(seg_logits, dens, dep):
+    """What D classifies (config.loss.disc_input; the method's: entropy * density)."""
+    return losses.discriminator_input(lam.disc_input, seg_logits, dens, dep, size)
 
   def weighted_sum(terms: dict) -> jax.Array:
-    return sum(getattr(lam, 'lambda_' + name[len('loss_'):]) * value
-               for name, value in terms.items())
+    return sum(weights[name] * value for name, value in terms.items())
 
   def source_loss(params):
     (seg_s, dens_s, dep_s), stats = _forward(seg, params, state.batch_stats, src['image'], train_bn)
@@ -216,27 +214,27 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
         losses.upsample_bilinear(seg_s, size), src['label'], class_weights, axis_name=axis_name)
     terms['loss_depth'] = losses.berhu(
         losses.upsample_bilinear(dep_s, size)[..., 0], src['depth'], axis_name=axis_name)
-    if lam.lambda_bal_src > 0:
+    if weights['loss_bal_src'] > 0:
       src_target = density.source_density_target(
           gmm_params, jax.lax.stop_gradient(seg_s), src['label_grid'], src['depth_grid'], scale)
       terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
     else:
       terms['loss_bal_src'] = jnp.zeros(())
-    aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s))} if use_disc else {}
+    aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s, dep_s))} if use_disc else {}
     return weighted_sum(terms), (terms, stats, aux)
 
   def target_loss(params, batch_stats, images):
     (seg_t, dens_t, dep_t), stats = _forward(seg, params, batch_stats, images, train_bn)
     seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
     terms, aux = {}, {}
-    if lam.lambda_bal_tgt > 0:
+    if weights['loss_bal_tgt'] > 0:
       tgt_target = density.target_density_target(
           gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]), scale)
       terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
     else:
       terms['loss_bal_tgt'] = jnp.zeros(())
     if use_disc:
-      d_tgt = disc_input(seg_t, dens_t)
+      d_tgt = disc_input(seg_t, dens_t, dep_t)
       aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
       # D's parameters are read, not differentiated: `params` is the only argument of grad.
       terms['loss_adv'] = losses.bce_with_logits(disc.apply(state.disc_params, d_tgt), 0.0,

@@ -250,3 +250,37 @@ def test_losses_over_a_device_axis_match_one_device(loss_name):
   got = sharded(put(scale, P()), put(data[0], P('data')), put(data[1], second_spec))
   np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
   np.testing.assert_allclose(got[1], expected[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize('mode', losses.DISC_INPUTS)
+def test_discriminator_input_matches_its_closed_form(mode):
+  """Each `loss.disc_input` mode against NumPy: softmax, -p log2 p / log2 C, and that times the
+  upsampled depth or density (align-corners bilinear, `_numpy_bilinear`)."""
+  rng = np.random.default_rng(12)
+  seg = rng.normal(scale=2, size=(2, 3, 4, 5)).astype(np.float32)
+  density = rng.uniform(0, 255, (2, 3, 4, 1)).astype(np.float32)
+  depth = rng.uniform(1, 300, (2, 3, 4, 1)).astype(np.float32)
+  up = _numpy_bilinear(seg, 7, 9)
+  p = np.exp(up - up.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  entropy = -p * np.log2(p) / np.log2(5)
+  expected = {'softmax': p, 'entropy': entropy,
+              'entropy_depth': entropy * _numpy_bilinear(depth, 7, 9),
+              'entropy_density': entropy * _numpy_bilinear(density, 7, 9)}[mode]
+  got = losses.discriminator_input(mode, jnp.asarray(seg), jnp.asarray(density),
+                                   jnp.asarray(depth), (7, 9))
+  assert got.shape == (2, 7, 9, 5)
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='entropy_density'):
+    losses.discriminator_input('density', seg, density, depth, (7, 9))
+
+
+def test_loss_weights_drop_the_density_terms_when_switched_off():
+  class Loss:
+    lambda_seg, lambda_depth, lambda_bal_src, lambda_bal_tgt, lambda_adv = 1.0, 0.5, 0.25, 2, 3
+    density_losses = True
+  on = {'loss_seg': 1.0, 'loss_depth': 0.5, 'loss_bal_src': 0.25, 'loss_bal_tgt': 2.0,
+        'loss_adv': 3.0}
+  assert losses.loss_weights(Loss) == on
+  Loss.density_losses = False
+  assert losses.loss_weights(Loss) == dict(on, loss_bal_src=0.0, loss_bal_tgt=0.0)

@@ -148,6 +148,12 @@ def test_eval_scores_a_given_checkpoint_and_the_last_model(tmp_path_factory, tmp
                          '--stage=eval', '--config.model_selection=last')
   wrong = main_runs.start(str(tmp_path / 'wrong'), '--stage=eval',
                           f'--checkpoint={reference}/pseudo_label')
+  # Self-training off: `all` skips pseudo_label and self_train, and eval scores adapt's model
+  # although the workdir holds a self-trained one.
+  no_self_train = main_runs.start(
+      main_runs.copy_stages(reference, str(tmp_path / 'no_st'),
+                            ('fit_gmm', 'adapt', 'pseudo_label', 'self_train')),
+      '--config.self_train.enabled=False')
   completed = main_runs.finish(given)
   assert completed.returncode == 0, completed.stderr[-3000:]
   scored = main_runs.results(str(tmp_path / 'given'))['eval']
@@ -176,5 +182,13 @@ def test_eval_scores_a_given_checkpoint_and_the_last_model(tmp_path_factory, tmp
       f'depthuda: error: --checkpoint={reference}/pseudo_label: not a checkpoint (expected a '
       'stage folder such as DIR/adapt, its best/ or checkpoints/ folder, one step folder in '
       'these, or a folder written by depthuda.convert)']
+  completed = main_runs.finish(no_self_train)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert 'pseudo_label: skipped (self_train.enabled=False)' in completed.stdout
+  assert 'self_train: skipped (self_train.enabled=False)' in completed.stdout
+  scored = main_runs.results(str(tmp_path / 'no_st'))['eval']
+  adapt = main_runs.results(reference)['adapt']
+  assert (scored['model_stage'], scored['model_step']) == ('adapt', adapt['best_step'])
+  assert scored['miou'] == pytest.approx(adapt['best_miou'], abs=1e-9)
   completed = main_runs.run(str(tmp_path / 'all'), f'--checkpoint={reference}/adapt')
   assert completed.returncode == 2 and 'needs --stage=eval' in completed.stderr

@@ -95,3 +95,19 @@ def test_min_region_sizes_degenerate_counts():
   np.testing.assert_array_equal(pseudo.min_region_sizes([0, 0]), [50, 50])
   with pytest.raises(ValueError):
     pseudo.min_region_sizes([1, -1])
+
+
+def test_pseudo_label_stage_refines_with_the_prior_or_keeps_the_confidence_rule():
+  """pseudo.spatial_prior off: the stage's pseudo-labels are the confident labels themselves."""
+  from configs import test as test_config
+  from depthuda.stages import pseudo_label
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 3, (12, 14)).astype(np.uint8)
+  labels[rng.random(labels.shape) < 0.2] = 255
+  sizes = np.array([4, 40, 2])
+  config = test_config.get_config()
+  with_prior = pseudo_label.refine(labels, sizes, config)
+  np.testing.assert_array_equal(with_prior, _flood_fill_prior(labels, sizes))
+  assert (with_prior != labels).any()  # the test would see a prior that does nothing
+  config.pseudo.spatial_prior = False
+  np.testing.assert_array_equal(pseudo_label.refine(labels, sizes, config), labels)

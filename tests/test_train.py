@@ -7,6 +7,7 @@ import pytest
 
 from configs import test as test_config
 from depthuda import gmm
+from depthuda import losses
 from depthuda import train
 
 C = 7
@@ -253,3 +254,61 @@ def test_two_gradients_equal_the_gradient_of_the_summed_loss():
   want = jax.jit(jax.grad(total))(state.params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b))) + 1e-12)
+
+
+def _one_adapt_step(config):
+  """(state before, the segmenter gradient, metrics) of one unsharded adapt step."""
+  seg, disc = train.build_models(config, axis_name=None)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  batch = jax.tree.map(jnp.asarray, _batches(1, 2, config)[0])
+
+  def step(state):
+    captured = {}
+    def capture(grads, opt_state, params):
+      captured['grads'] = grads
+      return seg_tx.update(grads, opt_state, params)
+    _, metrics = train.adapt_step(state, batch, _gmm_params(), seg=seg, disc=disc,
+                                  seg_tx=seg_tx._replace(update=capture), disc_tx=disc_tx,
+                                  config=config, axis_name=None)
+    return captured['grads'], metrics
+  grads, metrics = jax.jit(step)(state)
+  return (seg, disc, state, batch), grads, metrics
+
+
+# The default, 'entropy_density', is every other adapt test's; 'entropy' is a factor of both.
+@pytest.mark.parametrize('mode', ['softmax', 'entropy_depth'])
+def test_adapt_step_feeds_the_configured_discriminator_input(mode):
+  """loss_adv and loss_disc are D's losses on `loss.disc_input`'s tensor of the step's own
+  source and target outputs (the tensor itself: test_losses' closed forms)."""
+  config = _config(**{'model.bn_sync': False, 'loss.disc_input': mode})
+  (seg, disc, state, batch), _, metrics = _one_adapt_step(config)
+  size = batch['source']['image'].shape[1:3]
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  inputs = {}
+  for domain in ('source', 'target'):  # BN in training mode: batch statistics, per domain
+    (seg_out, dens, dep), _ = seg.apply(variables, batch[domain]['image'], train=True,
+                                        mutable=['batch_stats'])
+    inputs[domain] = losses.discriminator_input(mode, seg_out, dens, dep, size)
+  logits = {d: disc.apply(state.disc_params, x) for d, x in inputs.items()}
+  np.testing.assert_allclose(metrics['loss_adv'], losses.bce_with_logits(logits['target'], 0.0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics['loss_disc'], losses.bce_with_logits(logits['source'], 0.0)
+      + losses.bce_with_logits(logits['target'], 1.0), rtol=1e-5)
+
+
+def test_density_losses_off_zero_their_terms_and_gradients():
+  """loss.density_losses=False: L_bal_src and L_bal_tgt are 0 and nothing reaches the density
+  head (with lambda_adv = 0, its only other input); on, it gets a gradient."""
+  grads = {}
+  for on in (True, False):
+    config = _config(**{'model.bn_sync': False, 'loss.lambda_adv': 0.0,
+                        'loss.density_losses': on})
+    _, grads[on], metrics = _one_adapt_step(config)
+    if not on:
+      assert metrics['loss_bal_src'] == 0 and metrics['loss_bal_tgt'] == 0
+    assert metrics['loss_depth'] > 0
+  for leaf in jax.tree.leaves(grads[False]['density_head']):
+    np.testing.assert_array_equal(leaf, 0)
+  assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(grads[True]['density_head']))
+  assert np.abs(grads[False]['depth_head']['conv3']['bias']).max() > 0

@@ -1,7 +1,9 @@
 """The pipeline's stages, in order: fit_gmm -> adapt -> pseudo_label -> self_train -> eval.
 
 Each stage is `run(config, workdir) -> dict` (its entry in results.json) and
-`is_complete(config, workdir) -> bool` (its outputs exist and match the config). Stages import
+`is_complete(config, workdir) -> bool` (its outputs exist and match the config). With
+`config.self_train.enabled` off, pseudo_label and self_train are skipped and eval scores the adapt
+stage's model. Stages import
 the input pipeline (TensorFlow); the core modules do not.
 """
 
@@ -20,6 +22,7 @@ from depthuda.stages import pseudo_label
 from depthuda.stages import training
 
 STAGES = ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval')
+SELF_TRAINING = ('pseudo_label', 'self_train')  # the stages self_train.enabled=False skips
 
 
 def _adapt_batches(config, start):
@@ -47,7 +50,7 @@ def _eval_complete(config, workdir):
     return False
   selection = config.model_selection
   try:
-    stage = evaluation.model_stage(workdir, selection)
+    stage = evaluation.model_stage(workdir, selection, config.self_train.enabled)
   except FileNotFoundError:
     return False
   ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / stage)
@@ -69,6 +72,10 @@ _COMPLETE = {'fit_gmm': fit_gmm.is_complete,
 
 def run(stage: str, config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> bool:
   """Runs one stage unless its outputs are complete; returns whether it ran."""
+  if stage in SELF_TRAINING and not config.self_train.enabled:
+    if reporting.is_writer():
+      print(f'{stage}: skipped (self_train.enabled=False)')
+    return False
   if not force and _COMPLETE[stage](config, workdir):
     if reporting.is_writer():
       print(f'{stage}: complete, skipped')

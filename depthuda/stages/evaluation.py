@@ -159,9 +159,10 @@ def image_panels(config: ml_collections.ConfigDict, seg, variables, count: int,
   return panels
 
 
-def model_stage(workdir: str, selection: str) -> str:
-  """The latest training stage holding the model `selection` picks: self_train, else adapt."""
-  for stage in ('self_train', 'adapt'):
+def model_stage(workdir: str, selection: str, self_train: bool = True) -> str:
+  """The latest training stage holding the model `selection` picks: self_train (unless
+  `self_train` is False: self-training disabled), else adapt."""
+  for stage in ('self_train', 'adapt') if self_train else ('adapt',):
     stage_dir = fileio.Path(workdir) / stage
     if not stage_dir.is_dir():  # opening a manager would create the folders
       continue
@@ -186,7 +187,7 @@ def _load(config: ml_collections.ConfigDict, workdir: str, seg, checkpoint: str 
     if info['selection']:
       fields['model_selection'] = info['selection']
     return variables, fields, info['description']
-  stage = model_stage(workdir, selection)
+  stage = model_stage(workdir, selection, config.self_train.enabled)
   ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / stage)
   try:
     variables, meta = ckpts.restore_model(selection, abstract)

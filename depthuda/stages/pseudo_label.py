@@ -3,7 +3,8 @@
 The adapted model (`config.model_selection`: adapt's best, as the original, or its last) predicts
 each target training image in eval mode; logits are upsampled to
 the input size; pixels with confidence below the threshold and regions of class c smaller than
-N_c pixels (8-connected) become ignore. Labels are written as PNGs, one per image, atomically
+N_c pixels (8-connected) become ignore (the spatial prior; `config.pseudo.spatial_prior` turns it
+off). Labels are written as PNGs, one per image, atomically
 (a killed run leaves at most a temporary file, never a half-written PNG). A cut-off run resumes:
 it keeps every PNG that decodes to a label map of the right size and classes, and labels the
 rest. `labels/provenance.json` records the model and settings the PNGs come from; labels of
@@ -64,7 +65,17 @@ def _provenance(config: ml_collections.ConfigDict, model_meta: dict, sizes: np.n
   return {'model_step': int(model_meta['step']),
           'model_miou': None if miou is None else float(miou),
           'threshold': float(config.pseudo.threshold), 'min_region_sizes': sizes.tolist(),
-          'input_size': list(config.data.input_size), 'num_classes': config.data.num_classes}
+          'input_size': list(config.data.input_size), 'num_classes': config.data.num_classes,
+          'spatial_prior': bool(config.pseudo.spatial_prior)}
+
+
+def refine(labels: np.ndarray, sizes: np.ndarray, config: ml_collections.ConfigDict
+           ) -> np.ndarray:
+  """[H, W] confident labels -> pseudo-labels: the spatial prior's (regions of class c smaller
+  than sizes[c] dropped) or, with config.pseudo.spatial_prior off, the labels as they are."""
+  if not config.pseudo.spatial_prior:
+    return labels
+  return pseudo.spatial_prior(labels, sizes, ignore_label=IGNORE)
 
 
 def _read_provenance(out: fileio.Path) -> dict | None:
@@ -130,8 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     path = out / f"{example['name']}.png"
     labels = _read_label(path, (h, w), num_classes)  # Resume: reuse what an earlier run wrote.
     if labels is None:
-      labels = pseudo.spatial_prior(np.asarray(confident(example['image'])), sizes,
-                                    ignore_label=IGNORE)
+      labels = refine(np.asarray(confident(example['image'])), sizes, config)
       visualize.save_png(path, labels.astype(np.uint8))
     kept += np.bincount(labels[labels != IGNORE].ravel(), minlength=num_classes)[:num_classes]
     count += 1

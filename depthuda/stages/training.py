@@ -28,6 +28,7 @@ import numpy as np
 from depthuda import checkpointing
 from depthuda import converted
 from depthuda import fileio
+from depthuda import losses
 from depthuda import reporting
 from depthuda import train
 from depthuda.errors import InputError
@@ -173,7 +174,8 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
                      f'{stage}.num_steps={num_steps}; raise it or use another --workdir')
 
   if stage == 'adapt':
-    needs_gmm = config.loss.lambda_bal_src > 0 or config.loss.lambda_bal_tgt > 0
+    weights = losses.loss_weights(config.loss)
+    needs_gmm = weights['loss_bal_src'] > 0 or weights['loss_bal_tgt'] > 0
     gmm_params = train.replicate(fit_gmm.load_params(workdir), mesh) if needs_gmm else None
     step_fn = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                       disc_tx=disc_tx, config=config)
