@@ -5,7 +5,9 @@ batch through `train.shard_batch`, run a few adapt steps of a tiny config; their
 those of one process with the same number of devices. The file is also the worker script:
 `python tests/test_multiprocess.py PROCESS_ID NUM_PROCESSES PORT OUT.json` (devices per process
 from XLA_FLAGS). Then `depthuda.main` itself on two processes of two devices each: a signal to
-one process stops both after the same step.
+one process stops both after the same step, and the whole pipeline on 2 processes x 2 devices
+trains as one process of 4 devices does (the training streams do not depend on the number of
+processes), with per-device or synchronised BatchNorm statistics.
 """
 
 import json
@@ -127,30 +129,68 @@ def test_sigterm_still_reaches_depthuda_after_distributed_initialize():
   assert completed.returncode == 128 + signal.SIGTERM, completed.stderr[-3000:]
 
 
+# adapt without the GMM losses, so that its losses do not depend on the EM's summation order
+_MAIN_ARGS = ('--config.batch_size=4', '--config.loss.lambda_bal_src=0',
+              '--config.loss.lambda_bal_tgt=0', '--config.self_train.num_steps=4',
+              '--config.gmm.max_iters=3')
+
+
+def _main_env(devices: int) -> dict:
+  return dict(main_runs.ENV, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+                                       '--xla_backend_optimization_level=0')
+
+
 def _main_processes(workdir: str, *args: str) -> list[subprocess.Popen]:
   """`depthuda.main --multihost` on 2 processes of 2 CPU devices, as launch/local_multiprocess.sh
-  starts them; adapt without the GMM losses, so that it needs no fit_gmm stage."""
-  env = dict(main_runs.ENV, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
-             JAX_NUM_PROCESSES=str(NUM_PROCESSES),
-             XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                       '--xla_backend_optimization_level=0')
-  args = ('--multihost', '--config.batch_size=4', '--config.loss.lambda_bal_src=0',
-          '--config.loss.lambda_bal_tgt=0', *args)
+  starts them."""
+  env = dict(_main_env(2), JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
+             JAX_NUM_PROCESSES=str(NUM_PROCESSES))
   procs = []
   for i in range(NUM_PROCESSES):
-    procs.append(subprocess.Popen(main_runs.command(workdir, *args), cwd=REPO,
-                                  env=dict(env, JAX_PROCESS_ID=str(i)), text=True,
+    procs.append(subprocess.Popen(main_runs.command(workdir, '--multihost', *_MAIN_ARGS, *args),
+                                  cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)), text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     main_runs._started.append(procs[-1])  # pylint: disable=protected-access
   return procs
 
 
+def _one_process(workdir: str, *args: str) -> subprocess.Popen:
+  """`depthuda.main` on one process of 4 CPU devices."""
+  proc = subprocess.Popen(main_runs.command(workdir, *_MAIN_ARGS, *args), cwd=REPO,
+                          env=_main_env(4), text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+  main_runs._started.append(proc)  # pylint: disable=protected-access
+  return proc
+
+
+def _succeed(*procs: subprocess.Popen) -> None:
+  for proc in procs:
+    completed = main_runs.finish(proc)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def _assert_same_training(got_dir: str, want_dir: str) -> None:
+  """Equal losses at every logged step of adapt and self_train, and the same evaluation."""
+  for stage in ('adapt', 'self_train'):
+    got, want = main_runs.metrics(got_dir, stage), main_runs.metrics(want_dir, stage)
+    assert [m['step'] for m in got] == [m['step'] for m in want] and want, stage
+    for g, w in zip(got, want):
+      names = [k for k in w if k.startswith('loss') or 'miou' in k]
+      assert names and sorted(names) == sorted(k for k in g if k in names)
+      for name in names:
+        np.testing.assert_allclose(g[name], w[name], rtol=2e-5, atol=1e-6,
+                                   err_msg=f'{stage} {name} at step {w["step"]}')
+  assert (main_runs.results(got_dir)['eval']['miou']
+          == pytest.approx(main_runs.results(want_dir)['eval']['miou'], abs=1e-4))
+
+
 def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
   """SIGTERM to process 1 alone, during adapt: both processes save one checkpoint of the same
   step and exit with 143 (none waits forever in a collective the other never joins); the rerun
-  continues from it to the end."""
+  continues from it and through every stage, with the losses of one uninterrupted process of 4
+  devices (per-device BatchNorm statistics, the default)."""
   main_runs.prepare_test_data()
-  cut = str(tmp_path / 'cut')
+  cut, whole = str(tmp_path / 'cut'), str(tmp_path / 'whole')
   stopped = _main_processes(cut, '--stage=adapt')
   main_runs.wait_until(lambda: main_runs.metrics(cut, 'adapt'), stopped[0])
   stopped[1].send_signal(signal.SIGTERM)
@@ -164,11 +204,18 @@ def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path)
                                   line)[1]))
   assert steps[0] == steps[1] == main_runs.checkpoint_steps(cut, 'adapt')[-1] < 8
 
-  for proc in _main_processes(cut, '--stage=adapt'):
-    completed = main_runs.finish(proc)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+  _succeed(*_main_processes(cut), _one_process(whole))
   assert [m['step'] for m in main_runs.metrics(cut, 'adapt') if 'loss' in m] == list(
       range(1, 9))
+  _assert_same_training(cut, whole)
+
+
+def test_two_processes_with_synchronised_batchnorm_train_as_one(tmp_path):
+  main_runs.prepare_test_data()
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  _succeed(*_main_processes(two, '--config.model.bn_sync=True'),
+           _one_process(one, '--config.model.bn_sync=True'))
+  _assert_same_training(two, one)
 
 
 if __name__ == '__main__':

@@ -191,9 +191,32 @@ def test_process_shards_partition_the_data(config, monkeypatch):
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
     names[index] = [e['name'] for e in pipeline.target_val(config)]
-    (batch,) = _take(pipeline.source_train(config, GRID), 1)
-    assert batch['image'].shape[0] == 1  # batch_size 2 over 2 processes
   assert not set(names[0]) & set(names[1]) and len(names[0]) + len(names[1]) == 3
+
+
+@pytest.mark.parametrize('stream', ['source', 'target'])
+def test_training_batches_do_not_depend_on_the_number_of_processes(config, monkeypatch, stream):
+  """Process p of P gets rows [p*b, (p+1)*b) of the batch one process reads (b = batch / P), at
+  every step and across epochs, also when started at a later step: N hosts train on the same
+  examples in the same order as one."""
+  make = lambda start: (pipeline.source_train(config, GRID, start_step=start) if stream == 'source'
+                        else pipeline.target_train(config, start_step=start))
+  steps = 5  # more than one epoch of the fixture's splits
+  whole = _take(make(0), steps)
+  parts = []
+  for index in range(2):
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    parts.append(_take(make(0), steps))
+    later = _take(make(3), 2)
+    for got, want in zip(later, parts[-1][3:]):
+      np.testing.assert_array_equal(got['image'], want['image'])
+  for step, batch in enumerate(whole):
+    for key, value in batch.items():
+      assert parts[0][step][key].shape[0] == 1
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][key], parts[1][step][key]]), value,
+          err_msg=f'{key} at step {step}')
 
 
 def test_pseudo_labeled_target(config, remote_dir):

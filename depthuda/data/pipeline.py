@@ -7,12 +7,16 @@ Mapillary Vistas (config.data.target='mapillary') is read in place from its fold
 padded with black; validation labels are padded with ignore as the evaluation protocol says
 (`target_val`); the padding of a pseudo-labelled image is ignored in self-training.
 
-Every process reads its own shard (`tfds.even_splits`, or equal parts of a file list) and yields
-config.batch_size // jax.process_count() examples per batch. Training streams are endless and
-deterministic: epoch e is shuffled with a seed drawn from (config.seed, stream, e), and a stream
-started at `start_step` equals the tail of an uninterrupted one (it skips only within the current
-epoch, before decoding). An epoch has floor(shard size / batch) steps. With
-`config.data.cache_decoded` decoded examples are kept in memory (the toy).
+Training streams yield config.batch_size // jax.process_count() examples per batch and do not
+depend on the number of processes: every process reads the whole split in the same shuffled
+order, and process p decodes only rows [p*b, (p+1)*b) of each global batch (the filter comes
+before decoding, so each image is decoded by one process). N hosts thus train on the batches one
+host would. They are endless and deterministic: epoch e is shuffled with a seed drawn from
+(config.seed, stream, e), and a stream started at `start_step` equals the tail of an
+uninterrupted one (it skips only within the current epoch, before decoding). An epoch has
+floor(split size / config.batch_size) steps. With `config.data.cache_decoded` decoded examples
+are kept in memory (the toy). One-pass streams (evaluation, pseudo-labels, the GMM grid) read
+disjoint shards instead (`tfds.even_splits`, or equal parts of a file list).
 """
 
 from __future__ import annotations
@@ -105,9 +109,9 @@ def _source_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
 
 @dataclasses.dataclass(frozen=True)
 class _Examples:
-  """This process's share of a split: examples still encoded (TFDS) or as file paths."""
+  """A split, or this process's share of it: examples still encoded (TFDS) or as file paths."""
   description: str
-  num_examples: int  # in this process's share
+  num_examples: int  # read by this process
   total: int         # in the whole split
   read: Callable[[int | None], tf.data.Dataset]  # shuffle seed (None: stored order) -> examples
 
@@ -115,7 +119,7 @@ class _Examples:
 @dataclasses.dataclass(frozen=True)
 class _Target:
   """A target dataset: its splits and how to decode one of its examples."""
-  examples: Callable[[str, bool], _Examples]  # (split, drop_remainder)
+  examples: Callable[[str, bool], _Examples]  # (split, whole): all of it, or this process's part
   # example -> (f32 [H, W, 3] at input size, i32 [2] rows and columns not padded)
   image: Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
   # (example, table, eval protocol) -> i32 [HL, WL] classes
@@ -131,7 +135,7 @@ def _target(config: ml_collections.ConfigDict) -> _Target:
     with _lock(data.tfds_dir):
       builder = cityscapes.prepare(data.target_dir, data.tfds_dir)
     return _Target(
-        examples=lambda split, drop: _tfds_examples(builder, _CITYSCAPES_SPLITS[split], drop),
+        examples=lambda split, whole: _tfds_examples(builder, _CITYSCAPES_SPLITS[split], whole),
         image=lambda ex: (decoding.decode_image(ex['image_left'], size), tf.constant(decoding.hw(size))),
         label=lambda ex, table, protocol: decoding.decode_label(
             ex['segmentation_label'], size if protocol == 'input_size' else data.label_size,
@@ -140,8 +144,8 @@ def _target(config: ml_collections.ConfigDict) -> _Target:
   if data.target == 'mapillary':
     mapillary.check_label_names(data.target_dir)
     return _Target(
-        examples=lambda split, drop: _file_examples(
-            f'Mapillary Vistas {split}', mapillary.list_split(data.target_dir, split), drop),
+        examples=lambda split, whole: _file_examples(
+            f'Mapillary Vistas {split}', mapillary.list_split(data.target_dir, split), whole),
         image=lambda ex: decoding.decode_padded_image(tf.io.read_file(ex['image']), size),
         label=lambda ex, table, protocol: decoding.decode_padded_label(
             tf.io.read_file(ex['label']), size, table, protocol),
@@ -156,10 +160,10 @@ def _batch_per_process(config: ml_collections.ConfigDict) -> int:
   return config.batch_size // jax.process_count()
 
 
-def _shard(split: str, drop_remainder: bool):
-  """This process's part of `split`; with drop_remainder, equal parts everywhere."""
-  return tfds.even_splits(split, n=jax.process_count(),
-                          drop_remainder=drop_remainder)[jax.process_index()]
+def _shard(split: str, whole: bool):
+  """All of `split` (training streams), or this process's part of it (one-pass streams)."""
+  count, index = (1, 0) if whole else (jax.process_count(), jax.process_index())
+  return tfds.even_splits(split, n=count)[index]
 
 
 def _read(builder: tfds.core.DatasetBuilder, split, shuffle_seed: int | None = None
@@ -172,21 +176,21 @@ def _read(builder: tfds.core.DatasetBuilder, split, shuffle_seed: int | None = N
                             decoders=decoders, read_config=read_config)
 
 
-def _tfds_examples(builder: tfds.core.DatasetBuilder, split: str,
-                   drop_remainder: bool) -> _Examples:
-  shard = _shard(split, drop_remainder)
+def _tfds_examples(builder: tfds.core.DatasetBuilder, split: str, whole: bool) -> _Examples:
+  shard = _shard(split, whole)
   splits = builder.info.splits
   return _Examples(f'{builder.name} {split}', splits[shard].num_examples,
                    splits[split].num_examples, functools.partial(_read, builder, shard))
 
 
-def _file_examples(description: str, examples: list[mapillary.Example],
-                   drop_remainder: bool) -> _Examples:
-  """This process's contiguous part of `examples`, split as `tfds.even_splits` splits."""
-  count, index = jax.process_count(), jax.process_index()
+def _file_examples(description: str, examples: list[mapillary.Example], whole: bool
+                   ) -> _Examples:
+  """All of `examples`, or with `whole` False this process's contiguous part of them, split as
+  `tfds.even_splits` splits."""
+  count, index = (1, 0) if whole else (jax.process_count(), jax.process_index())
   size, extra = divmod(len(examples), count)
-  start = index * size + (0 if drop_remainder else min(index, extra))
-  mine = examples[start:start + size + (index < extra and not drop_remainder)]
+  start = index * size + min(index, extra)
+  mine = examples[start:start + size + (index < extra)]
   columns = {key: tf.constant([getattr(e, key) for e in mine], tf.string)
              for key in ('name', 'image', 'label')}
 
@@ -282,10 +286,14 @@ def _train_stream(config: ml_collections.ConfigDict, examples: _Examples, decode
 
   finish_dir: where `finish` reads files, to name them in errors.
   """
-  batch = _batch_per_process(config)
-  steps_per_epoch = examples.num_examples // batch
+  batch, global_batch = _batch_per_process(config), config.batch_size
+  steps_per_epoch = examples.num_examples // global_batch
   if steps_per_epoch == 0:
-    raise InputError(f'{examples.description}: fewer images per process than the batch of {batch}')
+    raise InputError(f'{examples.description}: {examples.num_examples} images, fewer than the '
+                     f'batch of {global_batch}')
+  first = jax.process_index() * batch  # this process's rows of each global batch
+  mine = lambda i, _: tf.math.logical_and(i % global_batch >= first,
+                                          i % global_batch < first + batch)
   buffer = config.data.shuffle_buffer
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if config.data.cache_decoded:
@@ -297,7 +305,10 @@ def _train_stream(config: ml_collections.ConfigDict, examples: _Examples, decode
   def epochs(epoch: int, step: int) -> Iterator[dict]:
     while True:
       seed = _epoch_seed(config.seed, stream, epoch)
-      ds = epoch_examples(seed).skip(step * batch)
+      ds = epoch_examples(seed).skip(step * global_batch).take(
+          (steps_per_epoch - step) * global_batch)  # whole global batches only
+      if jax.process_count() > 1:
+        ds = ds.enumerate().filter(mine).map(lambda _, example: example)
       if not config.data.cache_decoded:
         ds = ds.map(decode, **parallel)
       if finish is not None:
@@ -328,7 +339,7 @@ def source_train(config: ml_collections.ConfigDict, grid_hw: tuple[int, int], *,
   maps = _source_maps(config, grid_hw)
   decode = lambda ex: {'image': decoding.decode_image(ex['image'], config.data.input_size),
                        **maps(ex)}
-  examples = _tfds_examples(_source_builder(config), 'train', drop_remainder=True)
+  examples = _tfds_examples(_source_builder(config), 'train', whole=True)
   return _train_stream(config, examples, decode, _SOURCE, start_step)
 
 
@@ -444,5 +455,5 @@ def source_grid_points(config: ml_collections.ConfigDict, grid_hw: tuple[int, in
   per-process batch), smaller for the last batch. Images are not decoded.
   """
   decode = _source_maps(config, grid_hw)
-  examples = _tfds_examples(_source_builder(config), 'train', drop_remainder=False)
+  examples = _tfds_examples(_source_builder(config), 'train', whole=False)
   return _one_pass(config, examples, decode, batch_size or _batch_per_process(config))
