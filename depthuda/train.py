@@ -2,13 +2,15 @@
 
 One adaptation iteration (`adapt_step`) runs the source and target forward passes, the five
 loss terms, and updates the segmenter and the discriminator from the same pre-step parameters.
-`self_train_step` is the pseudo-label cross-entropy step. Both are written per device and mapped
-over the `data` axis of a mesh with `jax.shard_map` inside `jax.jit` (`make_sharded_step`):
-every loss is reduced over the global batch (sums and maxima over the axis), so each device
-holds the global loss; the gradients of the device's share are summed over the axis (an
-explicit `psum` in `adapt_step`, shard_map's transpose of the parameters' implicit broadcast
-elsewhere), which gives the global gradient. BatchNorm
-running statistics are averaged with `lax.pmean`. N devices give the single-device result.
+`self_train_step` is the pseudo-label cross-entropy step. The loss terms are the module-level
+`source_loss`, `target_loss`, `discriminator_loss` and `self_train_loss`. Both steps are written
+per device and mapped over the `data` axis of a mesh with `jax.shard_map` inside `jax.jit`
+(`make_sharded_step`): every loss is reduced over the global batch (sums and maxima over the
+axis), so each device holds the global loss. Gradients are taken with respect to a
+device-varying view of the parameters (`_per_device`), which gives each device's share, and
+summed over the axis with one explicit `psum` (`_sum_over_devices`): the global gradient, in
+both steps and for both networks. BatchNorm running statistics are averaged with `lax.pmean`.
+N devices give the single-device result.
 """
 
 from __future__ import annotations
@@ -178,6 +180,106 @@ def _guard_nonfinite(config: ml_collections.ConfigDict, state: TrainState,
   return new_state, 1.0 - finite.astype(jnp.float32)
 
 
+def _weighted_sum(config: ml_collections.ConfigDict, terms: dict) -> jax.Array:
+  """sum of weight * loss over `terms` (`losses.loss_weights`: config.loss's lambdas)."""
+  weights = losses.loss_weights(config.loss)
+  return sum(weights[name] * value for name, value in terms.items())
+
+
+def _uses_target(config: ml_collections.ConfigDict) -> bool:
+  weights = losses.loss_weights(config.loss)
+  return weights['loss_adv'] > 0 or weights['loss_bal_tgt'] > 0
+
+
+def _uses_discriminator(config: ml_collections.ConfigDict) -> bool:
+  return losses.loss_weights(config.loss)['loss_adv'] > 0
+
+
+def source_loss(params, batch_stats, src: dict, gmm_params: gmm_lib.GMMParams | None, *,
+                seg: nn.Module, config: ml_collections.ConfigDict, axis_name: str | None):
+  """The source terms of METHOD §5 on this device's share of the source batch.
+
+  loss_seg (weighted cross-entropy), loss_depth (berHu on the inverse depth) and loss_bal_src
+  (berHu of the density against its GMM target). Returns (their weighted sum, (terms, BN
+  statistics, {'disc_src': D's input for the source images} when D is trained)).
+  """
+  lam = config.loss
+  size = src['image'].shape[1:3]
+  class_weights = None if lam.class_weights is None else jnp.asarray(lam.class_weights, jnp.float32)
+  (seg_s, dens_s, dep_s), stats = _forward(seg, params, batch_stats, src['image'],
+                                           config.model.bn_mode == 'train')
+  seg_s, dens_s, dep_s = (x.astype(jnp.float32) for x in (seg_s, dens_s, dep_s))
+  terms = {}
+  terms['loss_seg'] = losses.weighted_cross_entropy(
+      losses.upsample_bilinear(seg_s, size), src['label'], class_weights, axis_name=axis_name)
+  terms['loss_depth'] = losses.berhu(
+      losses.upsample_bilinear(dep_s, size)[..., 0], src['depth'], axis_name=axis_name)
+  if losses.loss_weights(lam)['loss_bal_src'] > 0:
+    src_target = density.source_density_target(
+        gmm_params, jax.lax.stop_gradient(seg_s), src['label_grid'], src['depth_grid'],
+        config.gmm.density_scale)
+    terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
+  else:
+    terms['loss_bal_src'] = jnp.zeros(())
+  aux = ({'disc_src': jax.lax.stop_gradient(
+      losses.discriminator_input(lam.disc_input, seg_s, dens_s, dep_s, size))}
+         if _uses_discriminator(config) else {})
+  return _weighted_sum(config, terms), (terms, stats, aux)
+
+
+def target_loss(params, batch_stats, images: jax.Array, disc_params,
+                gmm_params: gmm_lib.GMMParams | None, *, seg: nn.Module, disc: nn.Module,
+                config: ml_collections.ConfigDict, axis_name: str | None):
+  """The target terms of METHOD §5 on this device's share of the target images.
+
+  loss_bal_tgt (berHu of the density against the GMM target of the predicted class and depth)
+  and loss_adv (D's BCE towards the source label 0). D's parameters are read, not
+  differentiated. Returns (their weighted sum, (terms, BN statistics, {'disc_tgt': D's input
+  for the target images} when D is trained)).
+  """
+  lam = config.loss
+  (seg_t, dens_t, dep_t), stats = _forward(seg, params, batch_stats, images,
+                                           config.model.bn_mode == 'train')
+  seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
+  terms, aux = {}, {}
+  if losses.loss_weights(lam)['loss_bal_tgt'] > 0:
+    tgt_target = density.target_density_target(
+        gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]),
+        config.gmm.density_scale)
+    terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
+  else:
+    terms['loss_bal_tgt'] = jnp.zeros(())
+  if _uses_discriminator(config):
+    d_tgt = losses.discriminator_input(lam.disc_input, seg_t, dens_t, dep_t, images.shape[1:3])
+    aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
+    terms['loss_adv'] = losses.bce_with_logits(disc.apply(disc_params, d_tgt), 0.0, axis_name)
+  else:
+    terms['loss_adv'] = jnp.zeros(())
+  return _weighted_sum(config, terms), (terms, stats, aux)
+
+
+def discriminator_loss(disc_params, disc_src: jax.Array, disc_tgt: jax.Array, *,
+                       disc: nn.Module, axis_name: str | None):
+  """BCE(D(src), 0) + BCE(D(tgt), 1) over the global batch; aux: this device's accuracies."""
+  out_s = disc.apply(disc_params, disc_src)
+  out_t = disc.apply(disc_params, disc_tgt)
+  loss = (losses.bce_with_logits(out_s, 0.0, axis_name)
+          + losses.bce_with_logits(out_t, 1.0, axis_name))
+  acc_s = jnp.mean((out_s < 0).astype(jnp.float32))
+  acc_t = jnp.mean((out_t > 0).astype(jnp.float32))
+  return loss, (acc_s, acc_t)
+
+
+def _per_device(params, axis_name: str | None):
+  """`params` as a device-varying value: the gradient with respect to it is this device's."""
+  return params if axis_name is None else jax.lax.pcast(params, axis_name, to='varying')
+
+
+def _sum_over_devices(grads, axis_name: str | None):
+  """The global gradient: the per-device gradients summed over the data axis."""
+  return grads if axis_name is None else jax.lax.psum(grads, axis_name)
+
+
 def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | None, *,
                seg: nn.Module, disc: nn.Module, seg_tx, disc_tx,
                config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
@@ -189,83 +291,30 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
   gmm_params may be None when both density losses are off (e.g. source-only training).
   Returns the new state and a dict of scalars (averaged over devices).
   """
-  lam = config.loss
-  weights = losses.loss_weights(lam)
-  use_target = weights['loss_adv'] > 0 or weights['loss_bal_tgt'] > 0
-  use_disc = weights['loss_adv'] > 0
-  train_bn = config.model.bn_mode == 'train'
-  src, tgt = batch['source'], batch['target']
-  size = src['image'].shape[1:3]
-  class_weights = None if lam.class_weights is None else jnp.asarray(lam.class_weights, jnp.float32)
-  scale = config.gmm.density_scale
-
-  def disc_input(seg_logits, dens, dep):
-    """What D classifies (config.loss.disc_input; the method's: entropy * density)."""
-    return losses.discriminator_input(lam.disc_input, seg_logits, dens, dep, size)
-
-  def weighted_sum(terms: dict) -> jax.Array:
-    return sum(weights[name] * value for name, value in terms.items())
-
-  def source_loss(params):
-    (seg_s, dens_s, dep_s), stats = _forward(seg, params, state.batch_stats, src['image'], train_bn)
-    seg_s, dens_s, dep_s = (x.astype(jnp.float32) for x in (seg_s, dens_s, dep_s))
-    terms = {}
-    terms['loss_seg'] = losses.weighted_cross_entropy(
-        losses.upsample_bilinear(seg_s, size), src['label'], class_weights, axis_name=axis_name)
-    terms['loss_depth'] = losses.berhu(
-        losses.upsample_bilinear(dep_s, size)[..., 0], src['depth'], axis_name=axis_name)
-    if weights['loss_bal_src'] > 0:
-      src_target = density.source_density_target(
-          gmm_params, jax.lax.stop_gradient(seg_s), src['label_grid'], src['depth_grid'], scale)
-      terms['loss_bal_src'] = losses.berhu(dens_s[..., 0], src_target, axis_name=axis_name)
-    else:
-      terms['loss_bal_src'] = jnp.zeros(())
-    aux = {'disc_src': jax.lax.stop_gradient(disc_input(seg_s, dens_s, dep_s))} if use_disc else {}
-    return weighted_sum(terms), (terms, stats, aux)
-
-  def target_loss(params, batch_stats, images):
-    (seg_t, dens_t, dep_t), stats = _forward(seg, params, batch_stats, images, train_bn)
-    seg_t, dens_t, dep_t = (x.astype(jnp.float32) for x in (seg_t, dens_t, dep_t))
-    terms, aux = {}, {}
-    if weights['loss_bal_tgt'] > 0:
-      tgt_target = density.target_density_target(
-          gmm_params, jax.lax.stop_gradient(seg_t), jax.lax.stop_gradient(dep_t[..., 0]), scale)
-      terms['loss_bal_tgt'] = losses.berhu(dens_t[..., 0], tgt_target, axis_name=axis_name)
-    else:
-      terms['loss_bal_tgt'] = jnp.zeros(())
-    if use_disc:
-      d_tgt = disc_input(seg_t, dens_t, dep_t)
-      aux['disc_tgt'] = jax.lax.stop_gradient(d_tgt)
-      # D's parameters are read, not differentiated: `params` is the only argument of grad.
-      terms['loss_adv'] = losses.bce_with_logits(disc.apply(state.disc_params, d_tgt), 0.0,
-                                                 axis_name)
-    else:
-      terms['loss_adv'] = jnp.zeros(())
-    return weighted_sum(terms), (terms, stats, aux)
-
+  use_disc = _uses_discriminator(config)
   # Two gradients, source then target, summed: the gradient of the summed loss, since each
   # domain's BatchNorm uses its own batch statistics. The barrier makes the target pass wait for
   # the whole source gradient; XLA keeps that order through scheduling on GPU and TPU, so the
   # source activations are freed before the target's exist, as in the original's two
   # backward() calls (about half the activation memory). XLA's CPU pipeline drops the barrier
-  # before scheduling, where it changes nothing. The gradients are taken per device (w.r.t. a
-  # device-varying view of the parameters), so that they can share the barrier with the target
-  # images, and summed over the devices once at the end.
-  params = state.params if axis_name is None else jax.lax.pcast(state.params, axis_name,
-                                                                 to='varying')
-  (total, (terms, new_stats, aux)), grads = jax.value_and_grad(source_loss, has_aux=True)(params)
-  if use_target:
+  # before scheduling, where it changes nothing.
+  params = _per_device(state.params, axis_name)
+  (total, (terms, new_stats, aux)), grads = jax.value_and_grad(source_loss, has_aux=True)(
+      params, state.batch_stats, batch['source'], gmm_params, seg=seg, config=config,
+      axis_name=axis_name)
+  if _uses_target(config):
     grads, new_stats, tgt_images = jax.lax.optimization_barrier(
-        (grads, new_stats, tgt['image']))
+        (grads, new_stats, batch['target']['image']))
     (total_t, (terms_t, new_stats, aux_t)), grads_t = jax.value_and_grad(
-        target_loss, has_aux=True)(params, new_stats, tgt_images)
+        target_loss, has_aux=True)(params, new_stats, tgt_images, state.disc_params, gmm_params,
+                                   seg=seg, disc=disc, config=config, axis_name=axis_name)
     grads = jax.tree.map(jnp.add, grads, grads_t)
     total, terms, aux = total + total_t, {**terms, **terms_t}, {**aux, **aux_t}
   else:
     terms['loss_bal_tgt'] = terms['loss_adv'] = jnp.zeros(())
   metrics = dict(terms, loss=total)
+  grads = _sum_over_devices(grads, axis_name)
   if axis_name is not None:
-    grads = jax.lax.psum(grads, axis_name)
     new_stats = jax.lax.pmean(new_stats, axis_name)
   updates, opt_state = seg_tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -273,16 +322,12 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
   disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
   metrics['loss_disc'] = jnp.zeros(())
   if use_disc:
-    def disc_loss(dp):
-      out_s = disc.apply(dp, aux['disc_src'])
-      out_t = disc.apply(dp, aux['disc_tgt'])
-      loss = (losses.bce_with_logits(out_s, 0.0, axis_name)
-              + losses.bce_with_logits(out_t, 1.0, axis_name))
-      acc_s = jnp.mean((out_s < 0).astype(jnp.float32))
-      acc_t = jnp.mean((out_t > 0).astype(jnp.float32))
-      return loss, (acc_s, acc_t)
+    # D's inputs carry no gradient back to the segmenter (stopped in the losses above).
     (metrics['loss_disc'], (metrics['disc_acc_src'], metrics['disc_acc_tgt'])), d_grads = (
-        jax.value_and_grad(disc_loss, has_aux=True)(state.disc_params))
+        jax.value_and_grad(discriminator_loss, has_aux=True)(
+            _per_device(state.disc_params, axis_name), aux['disc_src'], aux['disc_tgt'],
+            disc=disc, axis_name=axis_name))
+    d_grads = _sum_over_devices(d_grads, axis_name)
     d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, disc_params)
     disc_params = optax.apply_updates(disc_params, d_updates)
 
@@ -299,19 +344,23 @@ def adapt_step(state: TrainState, batch: dict, gmm_params: gmm_lib.GMMParams | N
   return new_state, metrics
 
 
+def self_train_loss(params, batch_stats, batch: dict, *, seg: nn.Module,
+                    config: ml_collections.ConfigDict, axis_name: str | None):
+  """Unweighted cross-entropy of the pseudo-labels (METHOD §6); aux: the BN statistics."""
+  (seg_t, _, _), stats = _forward(seg, params, batch_stats, batch['image'],
+                                  config.model.bn_mode == 'train')
+  logits = losses.upsample_bilinear(seg_t.astype(jnp.float32), batch['image'].shape[1:3])
+  loss = losses.weighted_cross_entropy(logits, batch['label'], None, axis_name=axis_name)
+  return loss, stats
+
+
 def self_train_step(state: TrainState, batch: dict, *, seg: nn.Module, seg_tx,
                     config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
   """Unweighted cross-entropy on pseudo-labelled target images (METHOD §6)."""
-  train_bn = config.model.bn_mode == 'train'
-  size = batch['image'].shape[1:3]
-
-  def loss_fn(params):
-    (seg_t, _, _), stats = _forward(seg, params, state.batch_stats, batch['image'], train_bn)
-    logits = losses.upsample_bilinear(seg_t.astype(jnp.float32), size)
-    loss = losses.weighted_cross_entropy(logits, batch['label'], None, axis_name=axis_name)
-    return loss, stats
-
-  (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, new_stats), grads = jax.value_and_grad(self_train_loss, has_aux=True)(
+      _per_device(state.params, axis_name), state.batch_stats, batch, seg=seg, config=config,
+      axis_name=axis_name)
+  grads = _sum_over_devices(grads, axis_name)
   if axis_name is not None:
     new_stats = jax.lax.pmean(new_stats, axis_name)
   updates, opt_state = seg_tx.update(grads, state.opt_state, state.params)

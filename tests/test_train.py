@@ -312,3 +312,60 @@ def test_density_losses_off_zero_their_terms_and_gradients():
     np.testing.assert_array_equal(leaf, 0)
   assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(grads[True]['density_head']))
   assert np.abs(grads[False]['depth_head']['conv3']['bias']).max() > 0
+
+
+def _self_train_run(config, devices, batches):
+  mesh = train.make_mesh(devices)
+  seg, disc = train.build_models(config)
+  state, seg_tx, _ = train.init_state(config, seg, disc)
+  step = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
+                                 config=config)
+  state, history = train.replicate(state, mesh), []
+  for batch in batches:
+    state, metrics = step(state, train.shard_batch(batch, mesh))
+    history.append(float(metrics['loss_seg'].addressable_data(0)))
+  return jax.device_get(state), history
+
+
+def test_self_train_two_devices_equal_one_device():
+  """The gradient summed over devices is the global one: 2 x 1 image == 1 x 2 images."""
+  config = _config(**{'optim.lr': 2.5e-4})
+  batches = [{'image': b['target']['image'], 'label': b['source']['label']}
+             for b in _batches(2, 2, config)]
+  seg, disc = train.build_models(config)
+  start = jax.device_get(train.init_state(config, seg, disc)[0].params)
+  one, loss1 = _self_train_run(config, jax.devices()[:1], batches)
+  two, loss2 = _self_train_run(config, jax.devices()[:2], batches)
+  np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+  def close(a, b, s):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * np.abs(b - s).max() + 1e-7)
+  jax.tree.map(close, two.params, one.params, start)
+
+
+def test_both_steps_sum_gradients_with_one_explicit_psum(monkeypatch):
+  """Each step sums each network's per-device gradient over the data axis through
+  `_sum_over_devices` (one mechanism, not shard_map's transpose in one step and psum in the
+  other): traced, it receives the segmenter's gradient in both steps and D's in adapt_step."""
+  config = _config()
+  seg, disc = train.build_models(config)
+  state, seg_tx, disc_tx = train.init_state(config, seg, disc)
+  mesh = train.make_mesh(jax.devices()[:2])
+  summed, sum_over_devices = [], train._sum_over_devices
+  def record(grads, axis_name):
+    summed.append(jax.tree.structure(grads))
+    assert axis_name == train.AXIS
+    return sum_over_devices(grads, axis_name)
+  monkeypatch.setattr(train, '_sum_over_devices', record)
+  batch = train.shard_batch(_batches(1, 2, config)[0], mesh)
+  state = train.replicate(state, mesh)
+  adapt = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+                                  disc_tx=disc_tx, config=config)
+  jax.eval_shape(adapt, state, batch, train.replicate(_gmm_params(), mesh))
+  assert summed == [jax.tree.structure(state.params), jax.tree.structure(state.disc_params)]
+  summed.clear()
+  self_train = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
+                                       config=config)
+  jax.eval_shape(self_train, state, {'image': batch['target']['image'],
+                                     'label': batch['source']['label']})
+  assert summed == [jax.tree.structure(state.params)]
+
