@@ -117,6 +117,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The input size at which the computed N_c hold (METHOD §6); other sizes scale by area.
   c.pseudo.reference_input_size = (1280, 760)
 
+  # A pretrained start made by depthuda itself, for the toy (data.toy), which has no ImageNet
+  # weights: num_steps > 0 trains the trunk on separately generated source-style scenes and
+  # writes it to init_from on first use (depthuda/pretrain.py); 0: init_from as it is.
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.num_steps = 0
+  c.pretrain.seed = 1  # the scenes' generator seed; the toy's own datasets use 0
+  c.pretrain.num_images = 400
+
   c.eval = ml_collections.ConfigDict()
   c.eval.num_images = 0  # 0: the whole validation set.
   c.eval.num_panels = 4

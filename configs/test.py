@@ -31,4 +31,6 @@ def get_config():
   c.eval_every_steps = 3
   c.log_images_every_steps = 3
   c.gmm.max_iters = 20
+  c.init_from = ''  # from scratch: no pretrained start (tests/test_pretrain.py makes one)
+  c.pretrain.num_steps = 0
   return c

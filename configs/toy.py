@@ -26,7 +26,11 @@ def get_config():
   # head_init stays the original's N(0, 0.01); 'he' makes the heads learn from scratch but costs
   # target mIoU here at the original's loss weights (BUILD_NOTES.md, 'The method on the toy').
 
-  c.init_from = ''  # a small network trained from scratch: no ImageNet weights
+  # No ImageNet weights for this small ResNet: its trunk is pretrained by depthuda itself on
+  # separately generated scenes, on first use (depthuda/pretrain.py), and kept in init_from.
+  c.init_from = 'data/toy/pretrained'
+  c.pretrain.num_steps = 2_000
+  c.pretrain.num_images = 400
   c.data.toy = True
   c.data.cache_decoded = True
   c.data.source_dir = 'data/toy/SYNTHIA-RAND-CITYSCAPES'

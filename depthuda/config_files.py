@@ -162,12 +162,12 @@ _RULES = {
         'keep_checkpoints', 'model.width', 'model.disc_ndf', 'data.shuffle_buffer',
         'optim.lr', 'optim.disc_lr', 'optim.poly_horizon', 'gmm.num_components', 'gmm.max_iters',
         'gmm.density_scale', 'gmm.var_floor', 'data.toy_num_source', 'data.toy_num_target_train',
-        'data.toy_num_target_val', 'data.toy_num_target_test')},
+        'data.toy_num_target_val', 'data.toy_num_target_test', 'pretrain.num_images')},
     **{name: (_non_negative, 'zero or more') for name in (
         'log_images_every_steps', 'adapt.num_steps', 'self_train.num_steps', 'eval.num_images',
         'eval.num_panels', 'gmm.tol', 'optim.momentum', 'optim.weight_decay', 'optim.poly_power',
         'loss.lambda_seg', 'loss.lambda_depth', 'loss.lambda_bal_src', 'loss.lambda_bal_tgt',
-        'loss.lambda_adv')},
+        'loss.lambda_adv', 'pretrain.num_steps', 'pretrain.seed')},
     'pseudo.threshold': (lambda v: 0 <= v <= 1, 'between 0 and 1'),
     'model.layers': (_sizes(4), '4 positive block counts'),
     **{name: (_sizes(2), '(width, height), positive') for name in (
@@ -214,6 +214,10 @@ def check(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict,
                         f'{_suggestion(str(value), choices)}')
     if name in _RULES and not _RULES[name][0](value):
       raise ConfigError(f'{where(name)}{name}={value!r}: expected {_RULES[name][1]}')
+  if config.pretrain.num_steps and not (config.data.toy and config.init_from):
+    name = 'pretrain.num_steps'
+    raise ConfigError(f'{where(name)}{name}={config.pretrain.num_steps}: a pretrained start is '
+                      'made for the toy (data.toy=True) into init_from, which is empty')
   classes = config.data.num_classes
   for name in _NULLABLE:
     value = values[name]

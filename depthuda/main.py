@@ -84,14 +84,18 @@ def main(argv):
   try:
     _write_config(workdir, config)  # Before the slow imports: a bad workdir fails at once.
     adapt_checkpoints = fileio.Path(workdir) / 'adapt' / 'checkpoints'
-    if (_STAGE.value in ('all', 'adapt') and config.init_from
-        and not (adapt_checkpoints.is_dir() and any(adapt_checkpoints.iterdir()))):
+    needs_init = (_STAGE.value in ('all', 'adapt') and config.init_from
+                  and not (adapt_checkpoints.is_dir() and any(adapt_checkpoints.iterdir())))
+    if needs_init and not config.pretrain.num_steps:
       # So is a wrong init_from, which adapt (not resumed) would meet after the GMM fit.
       from depthuda import converted
       converted.check_init_from(config)
     import jax  # After flag parsing, so --help is fast.
     if _MULTIHOST.value:
       _initialize_distributed(jax)
+    if needs_init and config.pretrain.num_steps:  # the toy's pretrained start, made on first use
+      from depthuda import pretrain
+      pretrain.ensure(config)
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')  # The input pipeline must not take GPU memory.
     import tensorflow_datasets as tfds

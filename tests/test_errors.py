@@ -228,7 +228,12 @@ def _assert_one_line_error(completed, pattern):
     ('--config.data.input_size=(64,)', r'depthuda: error: --config.data.input_size=\(64,\): '
      r'expected \(width, height\), positive'),
     ('--config.loss.class_weights=(1.0,2.0)', r'depthuda: error: --config.loss.class_weights has '
-     r'2 entries for data.num_classes=7')])
+     r'2 entries for data.num_classes=7'),
+    ('--config.loss.disc_input=entropy_dens', r"depthuda: error: --config.loss.disc_input="
+     r"'entropy_dens': expected one of softmax, entropy, entropy_depth, entropy_density "
+     r"\(did you mean entropy_density\?\)"),
+    ('--config.pretrain.num_steps=5', r'depthuda: error: --config.pretrain.num_steps=5: a '
+     r'pretrained start is made for the toy \(data.toy=True\) into init_from, which is empty')])
 def test_mistyped_config_override(override, pattern, tmp_path):
   completed = main_runs.run(str(tmp_path / 'work'), override)
   _assert_one_line_error(completed, pattern)

@@ -115,6 +115,23 @@ def test_every_class_and_the_domain_gap_appear():
   assert np.abs(source_road - target_road).max() > 10
 
 
+def test_domains_share_the_ground_depth_of_each_feature_grid_row():
+  """The method's premise: at the toy's input (160x96, a 13-row grid) both domains see the
+  ground at the same depth in each grid row (PIL's nearest rule from either rendering), within
+  5%, below the horizon's row."""
+  grid_rows = 13
+  source, target = toy.source_camera((320, 190)), toy.target_camera((512, 256))
+  compared = 0
+  for r in range(grid_rows):
+    rows = [int((r + 0.5) * cam.height / grid_rows) for cam in (source, target)]
+    if any(v < cam.horizon + 1 for v, cam in zip(rows, (source, target))):
+      continue
+    depths = [cam.ground_depth(np.float64(v)) for v, cam in zip(rows, (source, target))]
+    assert abs(depths[1] / depths[0] - 1) < 0.05, (r, depths)
+    compared += 1
+  assert compared >= 6
+
+
 def test_deterministic_by_seed(dirs, tmp_path):
   again = _generate(str(tmp_path / 'same'))
   other = _generate(str(tmp_path / 'other'), seed=1)

@@ -118,8 +118,9 @@ def _write_target(root: str, seed: int, counts: dict[str, int], size: tuple[int,
 
 
 # Bumped whenever the renderer or the file writers change what a seed produces (1 was the
-# generator before manifests, whose directories have no toy.json).
-GENERATOR_VERSION = 2
+# generator before manifests, whose directories have no toy.json; 2 had the target's horizon at
+# 0.42 of the frame, which shifted its ground depths against the source's).
+GENERATOR_VERSION = 3
 MANIFEST = 'toy.json'
 
 
@@ -184,3 +185,18 @@ def generate(source_dir: str, target_dir: str, *, seed: int = 0, num_source: int
       for path, manifest, _, write in todo:
         _write(path, manifest, write, bar)
   return [d[0] for d in todo]
+
+
+def generate_source(source_dir: str, *, seed: int, num_source: int,
+                    source_size: tuple[int, int] = (320, 190)) -> bool:
+  """Writes a source-style scene set alone (SYNTHIA layout), as `generate` writes the toy's
+  source: kept if its `toy.json` matches, else (re)written. Returns whether it wrote."""
+  source_size = tuple(source_size)
+  manifest = _manifest(seed=seed, num_source=num_source, source_size=list(source_size))
+  if os.path.isdir(source_dir) and not _is_stale(source_dir, manifest):
+    return False
+  with tqdm.tqdm(total=num_source, desc='toy scenes', unit='image',
+                 disable=not sys.stderr.isatty()) as bar:
+    _write(source_dir, manifest,
+           lambda root, bar: _write_source(root, seed, num_source, source_size, bar), bar)
+  return True

@@ -5,9 +5,12 @@ centres at v + 0.5): the ground plane (road, lane markings, sidewalk, terrain) h
 z = f*h / (v + 0.5 - v0) at row v; facades, hedges, walls and fences are vertical planes beside
 the road whose depth is set by the column; cars, buses, people, riders, poles, signs, lights and
 trees stand on the ground at random depths with an image size that scales as 1/z. So each class
-has a characteristic (x, y, depth) distribution shared by both domains, while the target differs
-in appearance (palette with some colours swapped, haze, tint, contrast, blur, grain) and mildly in
-geometry (camera height, horizon, the ego vehicle's bonnet): a source-only model is imperfect.
+has a characteristic (x, y, depth) distribution shared by both domains, as the method assumes:
+once both are resized to the network's input, a row of the feature grid sees the ground at the
+same depth in either domain (the target's lower camera offsets its wider frame's larger vertical
+scale), and a column the roadside planes at the same depth. The target differs in appearance
+(palette with some colours swapped, haze, tint, contrast, blur, grain) and in the ego vehicle's
+bonnet along its bottom rows (labelled ignore): a source-only model is imperfect.
 
 NumPy and PIL only; no TensorFlow. `depthuda.data.toy` writes these scenes in dataset layouts.
 """
@@ -46,8 +49,10 @@ def source_camera(size: tuple[int, int]) -> Camera:
 
 
 def target_camera(size: tuple[int, int]) -> Camera:
-  """Cityscapes-like camera: lower, and its horizon higher in the frame."""
-  return Camera(size[0], size[1], 0.55 * size[0], 1.25, 0.42 * size[1])
+  """Cityscapes-like camera for a (W, H) rendering of Cityscapes' 2:1 frame: lower, so that at a
+  common input size its ground depth per row matches the source camera's within a few percent,
+  and its horizon at the same height of the frame."""
+  return Camera(size[0], size[1], 0.55 * size[0], 1.25, 0.47 * size[1])
 
 
 @dataclasses.dataclass(frozen=True)
