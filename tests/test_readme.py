@@ -20,7 +20,8 @@ README = os.path.join(main_runs.ROOT, 'README.md')
 # Where the README's `python -m depthuda.X` commands are run, for the record (checked to exist).
 _RUN_BY = {'depthuda.main': ('Makefile', 'tests/test_main.py'),
            'depthuda.predict': ('tests/test_predict.py',),
-           'depthuda.convert': ('tests/test_convert.py',)}
+           'depthuda.convert': ('tests/test_convert.py',),
+           'depthuda.pretrain': ('tests/test_pretrain.py',)}
 # The config files a user passes to --config.
 CONFIGS = sorted(n for n in os.listdir(os.path.join(main_runs.ROOT, 'configs'))
                  if n.endswith('.py') and n not in ('__init__.py', 'common.py'))
