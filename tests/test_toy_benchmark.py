@@ -65,3 +65,41 @@ def test_one_ulp_learning_rate_is_the_next_float32():
   lr = np.float32(toy_ablation.ULP_LR)
   assert lr > np.float32(1e-2) and np.nextafter(np.float32(1e-2), np.float32(1)) == lr
   assert float(lr) == toy_ablation.ULP_LR  # survives the cast to float32 in the schedule
+
+
+def test_tables_and_chart_from_finished_runs(tmp_path):
+  """summarise/markdown/chart on runs whose results are known: every row's mean and paired
+  differences, the one-ulp noise floor, the diagnostics, and a PNG."""
+  import json
+  seeds = [0, 1, 2]
+  bench = toy_ablation.Bench(type('Args', (), {'root': str(tmp_path), 'config': 'c', 'set': []}))
+  score = {'source_only': 40.0, 'softmax': 41.0, 'entropy': 42.0, 'entropy_depth': 42.5,
+           'full': 44.0, 'no_density': 43.0, 'one_ulp': 44.5, 'no_prior': 45.0}
+  for s in seeds:
+    for run, base in score.items():
+      os.makedirs(bench.workdir(s, run))
+      results = {'adapt': {'best_miou': base + s}}
+      if run in toy_ablation.SELF_TRAINED:
+        results['self_train'] = {'best_miou': base + 2 + 2 * s}
+      with open(os.path.join(bench.workdir(s, run), 'results.json'), 'w') as f:
+        json.dump(results, f)
+      with open(os.path.join(bench.workdir(s, run), 'diagnostics.json'), 'w') as f:
+        json.dump({'depth_corr': 0.9, 'density_corr': 0.6 + s / 10,
+                   'density_corr_pred_target': 0.8, 'disc_acc_src': 0.7, 'disc_acc_tgt': 0.6,
+                   'disc_off_chance': 0.5}, f)
+  summary = toy_ablation.summarise(bench, seeds)
+  rows = summary['rows']
+  assert rows['source-only']['mean_ci'] == (41.0, pytest.approx(2.484, abs=1e-3))
+  # The adapt rows move with the seed as source-only does: their paired differences are exact.
+  assert rows['D sees entropy (AdvEnt)']['minus source-only'] == (2.0, 0.0)
+  assert rows['method: entropy x density, adapt']['minus D sees entropy (AdvEnt)'] == (2.0, 0.0)
+  full = rows['method + self-training (full pipeline)']['minus source-only']
+  assert full[0] == pytest.approx(7.0) and full[1] > 0  # 46, 48, 50 against 40, 41, 42
+  assert summary['noise']['one_ulp_minus_method'] == (0.5, 0.0)
+  assert summary['diagnostics']['full']['density_corr'] == pytest.approx(0.7)
+  table = toy_ablation.markdown(summary)
+  assert '| method + self-training (full pipeline) | 48.0 ± ' in table
+  assert '| full | 0.90 | 0.70 | 0.80 | 0.70 | 0.60 | 50% |' in table
+  toy_ablation.chart(summary, str(tmp_path / 'figures' / 'chart.png'))
+  with open(tmp_path / 'figures' / 'chart.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
