@@ -141,7 +141,8 @@ class Bench:
         os.path.join(self.workdir(seed, run), 'diagnostics.json')):
       subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
                                                    'toy_diagnostics.py'),
-                      f'--workdir={self.workdir(seed, run)}'], check=True,
+                      f'--workdir={self.workdir(seed, run)}',
+                      f'--cache={os.path.join(self.root, "data", "val_truth.npz")}'], check=True,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
   def self_train(self, seed: int, run: str) -> None:

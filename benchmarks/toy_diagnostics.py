@@ -81,8 +81,28 @@ def discriminator_summary(records: list[dict]) -> dict:
                              for r, s, t in zip(logged, src, tgt)]}
 
 
-def diagnose(config, workdir: str) -> dict:
-  """The diagnostics of `workdir`'s adapt model (see the module docstring)."""
+def _truth(names: list[str], grid_hw: tuple[int, int], num_classes: int, cache: str | None
+           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """`true_grid_maps` of each name, rendered once per `cache` file (an .npz) if one is given."""
+  from depthuda.data import toy
+  key = f'v{toy.GENERATOR_VERSION}_{grid_hw[0]}x{grid_hw[1]}_{num_classes}'
+  if cache and os.path.exists(cache):
+    with np.load(cache) as stored:
+      if f'{key}/{names[-1]}/classes' in stored:
+        return {n: (stored[f'{key}/{n}/classes'], stored[f'{key}/{n}/inv_depth']) for n in names}
+  truth = {n: true_grid_maps(n, grid_hw, num_classes) for n in names}
+  if cache:
+    arrays = {f'{key}/{n}/{part}': a for n, maps in truth.items()
+              for part, a in zip(('classes', 'inv_depth'), maps)}
+    tmp = cache + '.tmp.npz'
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache)
+  return truth
+
+
+def diagnose(config, workdir: str, cache: str | None = None) -> dict:
+  """The diagnostics of `workdir`'s adapt model (see the module docstring); `cache`: an .npz
+  file keeping the validation images' true maps between calls."""
   import jax
   import jax.numpy as jnp
   from depthuda import checkpointing
@@ -112,10 +132,12 @@ def diagnose(config, workdir: str) -> dict:
     return true, density.target_density_target(params, seg_logits, depth_pred, scale)
 
   pred_depth, true_depth, pred_dens, true_dens, own_dens = [], [], [], [], []
-  for example in pipeline.target_val(config):
+  examples = list(pipeline.target_val(config))
+  grid = tuple(train.feature_grid(config))
+  truth = _truth([e['name'] for e in examples], grid, config.data.num_classes, cache)
+  for example in examples:
     seg_logits, dens, depth = predict(variables, example['image'])
-    classes, inv_depth = true_grid_maps(example['name'], depth.shape[1:3],
-                                        config.data.num_classes)
+    classes, inv_depth = truth[example['name']]
     valid = classes != 255
     true, own = targets(seg_logits, depth[..., 0], jnp.asarray(np.where(valid, classes, 0))[None],
                         jnp.asarray(inv_depth, jnp.float32)[None])
@@ -152,9 +174,11 @@ def load_config(workdir: str):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True)
+  parser.add_argument('--cache', default=None,
+                      help='an .npz keeping the true maps of the validation images between runs')
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  result = diagnose(load_config(args.workdir), args.workdir)
+  result = diagnose(load_config(args.workdir), args.workdir, args.cache)
   with open(os.path.join(args.workdir, 'diagnostics.json'), 'w') as f:
     json.dump(result, f, indent=1)
   print(json.dumps({k: v for k, v in result.items() if k != 'disc_acc_curve'}, indent=1))

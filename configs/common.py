@@ -44,7 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.width = 64
   c.model.bn_mode = 'train'  # 'train' (original: batch statistics, running stats updated) | 'frozen'
   c.model.bn_sync = False    # True: batch statistics averaged over all devices (SyncBN).
-  c.model.head_init = 'normal'  # Depth/density heads: N(0, 0.01) (original), 'he', 'he_zero'.
+  c.model.head_init = 'normal'  # Depth/density heads: N(0, 0.01) as the original, or 'he'.
   c.model.disc_ndf = 64
 
   c.data = ml_collections.ConfigDict()

@@ -149,7 +149,7 @@ _CHOICES = {
     'compute_dtype': ('float32', 'bfloat16'),
     'nonfinite': ('stop', 'skip'),
     'model.bn_mode': ('train', 'frozen'),
-    'model.head_init': ('normal', 'he', 'he_zero'),
+    'model.head_init': ('normal', 'he'),
     'loss.disc_input': ('softmax', 'entropy', 'entropy_depth', 'entropy_density'),
     'data.source': ('synthia',),
     'data.target': ('cityscapes', 'mapillary'),

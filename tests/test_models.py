@@ -124,21 +124,6 @@ def test_head_biases_keep_pytorch_default_init():
   assert not np.allclose(bias(other), bias(params))
 
 
-def test_he_zero_heads_start_at_their_bias_with_he_inner_layers():
-  """head_init='he_zero': conv1 and conv2 He normal (std sqrt(2 / fan_out)), conv3's kernel
-  zero, so each head outputs the mean of conv3's bias everywhere."""
-  model = models.DeepLabV2Depth(num_classes=3, layers=(1, 1, 1, 1), width=8, head_init='he_zero')
-  images = jnp.asarray(np.random.default_rng(1).normal(size=(1, 32, 40, 3)), jnp.float32)
-  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
-  _, density, depth = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-  for head, out in (('density_head', density), ('depth_head', depth)):
-    p = variables['params'][head]
-    np.testing.assert_array_equal(p['conv3']['kernel'], 0)
-    np.testing.assert_allclose(out, np.mean(p['conv3']['bias']), rtol=1e-6)
-    fan_out = 64 * 9  # conv2: 3x3, 8 * width channels out
-    assert abs(np.std(p['conv2']['kernel']) / math.sqrt(2 / fan_out) - 1) < 0.05
-
-
 def test_discriminator_shapes_and_init():
   disc = models.Discriminator(ndf=8)
   x = jnp.zeros((2, 64, 96, 5))

@@ -25,12 +25,6 @@ BN_MODES = ('train', 'frozen')
 ASPP_DILATIONS = (6, 12, 18, 24)
 # Top-level modules that are not part of the ResNet trunk.
 HEADS = ('classifier', 'density_head', 'depth_head')
-# Depth and density head inits, (conv1 and conv2, conv3): the original's N(0, 0.01); He normal;
-# and He normal with conv3 zero ('he_zero'), whose heads output their bias alone at first and send
-# no gradient into the trunk, as the original's nearly do, but learn from the start as a
-# regression on features of unit scale.
-HEAD_INITS = {'normal': (CONV_INITS['normal'],) * 2, 'he': (CONV_INITS['he'],) * 2,
-              'he_zero': (CONV_INITS['he'], nn.initializers.zeros)}
 
 
 def torch_bias_init(fan_in: int) -> Callable:
@@ -70,20 +64,17 @@ class RegressionHead(nn.Module):
   width: int
   dtype: Any = jnp.float32
   kernel_init: Callable = CONV_INIT
-  last_init: Callable | None = None  # conv3's kernel init; None: kernel_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, h, w, C_in] -> [B, h, w, 1] float32."""
     conv = functools.partial(nn.Conv, kernel_init=self.kernel_init, dtype=self.dtype,
                              param_dtype=jnp.float32)
-    last = self.kernel_init if self.last_init is None else self.last_init
     c_in, hidden = x.shape[-1], 8 * self.width
     x = nn.relu(conv(hidden, (1, 1), bias_init=torch_bias_init(c_in), name='conv1')(x))
     x = nn.relu(conv(hidden, (3, 3), padding=((1, 1), (1, 1)),
                      bias_init=torch_bias_init(9 * hidden), name='conv2')(x))
-    x = conv(2 * self.width, (1, 1), kernel_init=last, bias_init=torch_bias_init(hidden),
-             name='conv3')(x)
+    x = conv(2 * self.width, (1, 1), bias_init=torch_bias_init(hidden), name='conv3')(x)
     return jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True)
 
 
@@ -102,9 +93,9 @@ class DeepLabV2Depth(nn.Module):
       Initialize with `train=False`, where no axis needs to be bound.
     dtype: compute dtype; parameters and statistics stay float32, outputs are float32.
     head_init: init of the depth and density heads: 'normal' (N(0, 0.01), the original's) or
-      'he' (He normal) or 'he_zero' (He normal, the last conv zero; `HEAD_INITS`). The heads
-      have no normalisation: with N(0, 0.01) their output is ~1e-2 of their input and barely
-      learns unless the backbone's features are large (BUILD_NOTES, 'The method on the toy').
+      'he' (He normal). The heads have no normalisation: with N(0, 0.01) their output is ~1e-2
+      of their input and barely learns unless the backbone is pretrained, so a network trained
+      from scratch (the toy) uses 'he' there.
   """
   num_classes: int
   layers: Sequence[int] = (3, 4, 23, 3)
@@ -133,16 +124,15 @@ class DeepLabV2Depth(nn.Module):
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, axis_name=self.bn_axis_name,
         # Two-pass variance, as PyTorch: E[x^2] - E[x]^2 loses digits where |mean| >> std.
         use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32)
-    if self.head_init not in HEAD_INITS:
-      raise ValueError(f'head_init must be one of {tuple(HEAD_INITS)}, got {self.head_init!r}')
-    init, last = HEAD_INITS[self.head_init]
+    if self.head_init not in CONV_INITS:
+      raise ValueError(f'head_init must be one of {tuple(CONV_INITS)}, got {self.head_init!r}')
+    init = CONV_INITS[self.head_init]
     x = resnet_trunk(images.astype(self.dtype), layers=self.layers, width=self.width,
                      norm=norm, dtype=self.dtype)
     seg = ASPPClassifier(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    density = RegressionHead(self.width, dtype=self.dtype, kernel_init=init, last_init=last,
+    density = RegressionHead(self.width, dtype=self.dtype, kernel_init=init,
                              name='density_head')(x)
-    depth = RegressionHead(self.width, dtype=self.dtype, kernel_init=init, last_init=last,
-                           name='depth_head')(x)
+    depth = RegressionHead(self.width, dtype=self.dtype, kernel_init=init, name='depth_head')(x)
     return seg.astype(jnp.float32), density, depth
 
 
