@@ -6,8 +6,9 @@ Procedural street scenes are generated on first use into data/toy/ in the real d
 layouts (SYNTHIA-RAND-CITYSCAPES for the source, Cityscapes zips for the target) and read by the
 same loaders as the real data. 7 classes, a small ResNet (layers 1-1-1-1, width 16), 160x96
 input, from a trunk depthuda pretrains on separately generated scenes (made on first use and
-kept in data/toy/pretrained; depthuda/pretrain.py). Expected: a few minutes on 2 CPU cores, a
-few more the first time (data generation and pretraining); README.md, "Results", has the
+kept in data/toy/pretrained; depthuda/pretrain.py). Expected: about 4 minutes on 2 idle CPU
+cores, about 4 more the first time (data generation, 1,000 pretraining steps); estimates from
+the earlier 1,000 + 400-step schedule's measured 5-6 minutes. README.md, "Results", has the
 benchmark (benchmarks/toy_ablation.py).
 """
 
