@@ -15,8 +15,10 @@ N devices give the single-device result.
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Iterator
 
 import flax
 import flax.linen as nn
@@ -406,6 +408,26 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Process-local numpy batch -> global arrays split over the `data` axis."""
   sharding = NamedSharding(mesh, P(AXIS))
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def prefetch_to_mesh(batches: Iterator[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
+  """`shard_batch` of each process-local batch, `size` batches ahead of the consumer.
+
+  A batch is put on the devices (asynchronously) before the step that reads it starts, so that
+  the host-to-device copy of step i+1 overlaps step i's computation: double buffering with the
+  default size of 2.
+  """
+  queue = collections.deque()
+  batches = iter(batches)
+
+  def enqueue(n):
+    for batch in itertools.islice(batches, n):
+      queue.append(shard_batch(batch, mesh))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

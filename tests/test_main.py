@@ -37,6 +37,8 @@ def test_all_stages_write_the_documented_outputs(tmp_path_factory):
   for stage, losses in LOSSES.items():
     records = main_runs.metrics(workdir, stage)
     assert all(isinstance(r['step'], int) for r in records)
+    # One object per logged step: an evaluation's scores join the step's losses.
+    assert [r['step'] for r in records] == sorted({r['step'] for r in records})
     logged = [r for r in records if 'loss' in r]
     assert [r['step'] for r in logged] == list(range(1, results[stage]['steps'] + 1))
     for record in logged:

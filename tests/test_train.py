@@ -369,3 +369,17 @@ def test_both_steps_sum_gradients_with_one_explicit_psum(monkeypatch):
                                      'label': batch['source']['label']})
   assert summed == [jax.tree.structure(state.params)]
 
+
+def test_prefetch_to_mesh_puts_batches_on_the_mesh_ahead_of_the_consumer():
+  mesh = train.make_mesh(jax.devices()[:2])
+  taken = []
+  def source():
+    for i in range(4):
+      taken.append(i)
+      yield {'x': np.full((2, 3), i, np.float32)}
+  stream = train.prefetch_to_mesh(source(), mesh, size=2)
+  first = next(stream)
+  assert taken == [0, 1]  # while step 0 runs, batch 1 is already on its way to the devices
+  assert first['x'].sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  rest = list(stream)
+  assert [int(b['x'][0, 0]) for b in [first] + rest] == [0, 1, 2, 3]

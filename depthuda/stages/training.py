@@ -1,9 +1,11 @@
 """The `adapt` and `self_train` stages: a resumable, data-parallel training loop.
 
 Both stages share the loop: build the mesh and state, restore the latest checkpoint if any,
-stream process-local batches from the step where the checkpoint left off, run the jitted
-sharded step, log on log steps (metrics.jsonl, TensorBoard, and an INFO line with the losses,
-learning rates, steps/s and ETA), evaluate on eval steps (keeping the best model), checkpoint.
+stream process-local batches from the step where the checkpoint left off (sharded onto the
+mesh ahead of the step, `train.prefetch_to_mesh`), run the jitted sharded step, then the
+periodic actions (`clu.periodic_actions`): log on log steps (TensorBoard and an INFO line with
+the losses, learning rates, steps/s and ETA), evaluate on eval steps (keeping the best model),
+image panels, one metrics.jsonl object per logged or evaluated step, checkpoint.
 
 Faults: a run killed at any moment continues from its latest complete checkpoint, and since the
 state, the RNG and the data position are all restored, it logs exactly what an uninterrupted run
@@ -21,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from clu.periodic_actions import PeriodicCallback
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -131,6 +134,32 @@ def _check_steps(stage: str, config: ml_collections.ConfigDict, pending: list[tu
   return fetched[-1]
 
 
+class _StepMetrics:
+  """The metrics of the steps run since the last check, left on device until an action needs
+  them: `values()` then fetches and checks them all (`_check_steps`), once."""
+
+  def __init__(self, check: Callable[[list[tuple[int, Any]]], dict]):
+    self._check = check
+    self._pending = []
+    self._values = None
+
+  def add(self, step: int, metrics: Any) -> None:
+    self._pending.append((step, metrics))
+
+  def values(self) -> dict:
+    """The host values of the latest step, every step since the last call checked."""
+    if self._pending:
+      self._values = self._check(self._pending)
+      self._pending = []
+    return self._values
+
+
+def _periodic(every_steps: int, num_steps: int, callback: Callable) -> PeriodicCallback:
+  """An action at every multiple of `every_steps` and at the last step (`callback(step=, t=,
+  **kwargs)`)."""
+  return PeriodicCallback(every_steps=every_steps, on_steps=[num_steps], callback_fn=callback)
+
+
 def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
         batches: Callable[[int], Iterator[dict]]) -> dict:
   """Trains `stage` for its configured number of steps; returns its results.json entry.
@@ -186,42 +215,65 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
     extra = ()
 
   log = reporting.MetricsLog(stage_dir, start_step=start)
-  stream = batches(start)
+  stream = train.prefetch_to_mesh(batches(start), mesh)
   bar = reporting.Progress(total=num_steps, initial=start, desc=stage, log_seconds=None)
-  pending = []  # (step, metrics on device) not checked yet: fetched only when needed
+  metrics = _StepMetrics(lambda pending: _check_steps(stage, config, pending, meta, ckpts, bar))
+
+  # The periodic actions. Each gets the step just done, the state after it and the record that
+  # step writes to metrics.jsonl (one object per step). Checked first, in this order: log,
+  # evaluate, image panels; then the record is written; then the checkpoint is saved (a
+  # resumed run keeps the lines of the steps up to its checkpoint's).
+  def log_metrics(step, t, state, record):
+    del t, state
+    values = metrics.values()
+    record.update(values)
+    bar.log(' '.join(f'{k}={float(v):.4g}' for k, v in sorted(values.items())))
+
+  def evaluate(step, t, state, record):
+    del t
+    record.update(metrics.values())  # every object has the step's losses
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    result = evaluation.evaluate(config, seg, variables, desc=f'{stage} eval @{step}')
+    record.update({'val_miou': result['miou'],
+                   **{f'val_iou/{k}': v for k, v in result['per_class_iou'].items()
+                      if v is not None}})
+    if meta['best_step'] < 0 or result['miou'] > meta['best_miou']:
+      meta.update(best_miou=result['miou'], best_step=step)
+      ckpts.save_best(step, variables, {'step': step, 'miou': result['miou']})
+
+  def log_images(step, t, state, record):
+    del t, record
+    metrics.values()  # nothing logged of a failed step
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    log.images(step, evaluation.image_panels(config, seg, variables, count=2))
+
+  def save(step, t, state, force=False):
+    del t
+    metrics.values()  # no checkpoint of a state after a failed step
+    ckpts.save(step, state, dict(meta), force=force)
+
+  before_record = [_periodic(config.log_every_steps, num_steps, log_metrics),
+                   _periodic(config.eval_every_steps, num_steps, evaluate)]
+  if config.log_images_every_steps:
+    before_record.append(PeriodicCallback(every_steps=config.log_images_every_steps,
+                                          callback_fn=log_images))
+  checkpoint = _periodic(config.checkpoint_every_steps, num_steps, save)
   try:
     with _StopRequest() as stop:
       for step in range(start, num_steps):
-        state, metrics = step_fn(state, train.shard_batch(next(stream), mesh), *extra)
+        state, step_metrics = step_fn(state, next(stream), *extra)
         done = step + 1
         bar.update(1)
         stop.agree()
-        pending.append((done, metrics))
-        last = done == num_steps
-        log_now = done % config.log_every_steps == 0 or last
-        eval_now = done % config.eval_every_steps == 0 or last
-        save_now = done % config.checkpoint_every_steps == 0 or last or stop.requested
-        if not (log_now or eval_now or save_now):
-          continue
-        values = _check_steps(stage, config, pending, meta, ckpts, bar)
-        pending = []
-        if log_now:
-          log.scalars(done, values)
-          bar.log(' '.join(f'{k}={float(v):.4g}' for k, v in sorted(values.items())))
-        if eval_now:
-          variables = {'params': state.params, 'batch_stats': state.batch_stats}
-          result = evaluation.evaluate(config, seg, variables, desc=f'{stage} eval @{done}')
-          log.scalars(done, {'val_miou': result['miou'],
-                             **{f'val_iou/{k}': v for k, v in result['per_class_iou'].items()
-                                if v is not None}})
-          if config.log_images_every_steps and done % config.log_images_every_steps == 0:
-            log.images(done, evaluation.image_panels(config, seg, variables, count=2))
-          if meta['best_step'] < 0 or result['miou'] > meta['best_miou']:
-            meta.update(best_miou=result['miou'], best_step=done)
-            ckpts.save_best(done, variables, {'step': done, 'miou': result['miou']})
+        metrics.add(done, step_metrics)
+        record = {}
+        for action in before_record:
+          action(done, state=state, record=record)
+        if record:
+          log.scalars(done, record)
         meta['step'] = done
-        if save_now:
-          ckpts.save(done, state, dict(meta), force=stop.requested)
+        if not checkpoint(done, state=state, force=stop.requested) and stop.requested:
+          save(done, None, state, force=True)
         if stop.requested:
           raise Interrupted(f'{stage}: stopped by {signal.Signals(stop.signum).name} at step '
                             f'{done}; checkpoint saved, rerun the same command to continue',
