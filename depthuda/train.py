@@ -434,6 +434,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(seg: nn.Module, variables, images):
+  return seg.apply(variables, images, train=False)
+
+
 def predict_fn(seg: nn.Module) -> Callable:
-  """Jitted eval-mode forward: (variables, images) -> (seg, density, depth) on the grid."""
-  return jax.jit(lambda variables, images: seg.apply(variables, images, train=False))
+  """Jitted eval-mode forward: (variables, images) -> (seg, density, depth) on the grid.
+
+  One jitted function for all calls: equal modules and input shapes share one compilation
+  (a new `jax.jit` per call would compile again at every call)."""
+  return functools.partial(_predict, seg)

@@ -1,4 +1,5 @@
-"""The eval stage's test-time augmentation: flipped and rescaled views, their softmax averaged."""
+"""The eval stage: test-time augmentation (flipped and rescaled views, their softmax averaged),
+evaluation split over devices, and the prediction and pseudo-labelling programs."""
 
 import jax
 import ml_collections
@@ -11,9 +12,11 @@ from configs import test as test_config
 from depthuda import evaluate as metrics_lib
 from depthuda import losses
 from depthuda import models
+from depthuda import train
 from depthuda.data import pipeline
 from depthuda.errors import InputError
 from depthuda.stages import evaluation
+from depthuda.stages import pseudo_label
 from tests import main_runs
 from tests.test_mapillary import _varied_variables
 
@@ -103,3 +106,67 @@ def test_without_augmentation_the_scores_are_the_plain_arg_max(monkeypatch):
   config.eval.flip = True
   assert np.asarray(evaluation.evaluate(config, seg, variables)['confusion_matrix']).sum() == (
       cm.sum())
+
+
+def test_split_over_devices_equals_one_device_and_uses_the_variables_in_place(monkeypatch):
+  """One image per device (3 images on 2 devices: one batch padded) gives the one-device
+  counts exactly, with test-time augmentation; variables already on the mesh reach the network
+  as they are (no copy through the host)."""
+  main_runs.prepare_test_data()
+  monkeypatch.chdir(main_runs.ROOT)
+  config = test_config.get_config()
+  config.eval.flip = True
+  seg = models.DeepLabV2Depth(num_classes=7, layers=(1, 1, 1, 1), width=4)
+  variables = _varied_variables(seg)
+  seen, logits = [], evaluation._logits
+  def spy(seg, variables, images, scale, flip):
+    seen.append((variables, images.shape[0]))
+    return logits(seg, variables, images, scale, flip)
+  monkeypatch.setattr(evaluation, '_logits', spy)
+  counts = {}
+  for n in (1, 2):
+    mesh = train.make_mesh(jax.devices()[:n])
+    placed = evaluation.on_mesh(variables, mesh)
+    seen.clear()
+    counts[n] = evaluation.evaluate(config, seg, placed, mesh=mesh)['confusion_matrix']
+    assert {batch for _, batch in seen} == {n}
+    for used, _ in seen:
+      assert all(a is b for a, b in zip(jax.tree.leaves(used), jax.tree.leaves(placed)))
+  assert counts[2] == counts[1] and np.sum(counts[1]) > 0
+
+
+def test_prediction_compiles_once_across_calls(model):
+  """Image panels and `depthuda.predict` get `train.predict_fn` per call: one compilation for
+  all of them (the module's trace counted by a side effect)."""
+  seg, variables, image = model
+  traces = []
+  class Counted(type(seg)):
+    def __call__(self, *args, **kwargs):
+      traces.append(1)
+      return super().__call__(*args, **kwargs)
+  counted = Counted(num_classes=7, layers=(1, 1, 1, 1), width=4)
+  first = [np.asarray(x) for x in train.predict_fn(counted)(variables, image)]
+  for _ in range(2):
+    again = train.predict_fn(counted)(variables, image)
+  assert len(traces) == 1
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_pseudo_labels_take_the_weights_as_an_argument(model):
+  """pseudo_label's jitted function holds no weights as constants, and other weights of the
+  same model reuse its compilation."""
+  seg, variables, image = model
+  traced = pseudo_label.confident.trace(seg, variables, image, HW, 0.5)
+  # Constants: the resize matrices (hundreds of entries), not the ~94,000 weights.
+  weights = sum(np.size(x) for x in jax.tree.leaves(variables))
+  assert sum(np.size(c) for c in traced.jaxpr.consts) < weights / 20
+  a = np.asarray(pseudo_label.confident(seg, variables, image, HW, 0.5))
+  size = pseudo_label.confident._cache_size()
+  b = np.asarray(pseudo_label.confident(seg, _varied_variables(seg, seed=1), image, HW, 0.5))
+  assert pseudo_label.confident._cache_size() == size and not np.array_equal(a, b)
+  logits, _, _ = seg.apply(variables, image, train=False)
+  probs = softmax(_resize(logits, HW), axis=-1)[0]
+  clear = np.abs(probs.max(-1) - 0.5) > 1e-5  # rounding decides pixels at the threshold
+  want = np.where(probs.max(-1) >= 0.5, probs.argmax(-1), 255)
+  np.testing.assert_array_equal(a[clear], want[clear])

@@ -13,6 +13,7 @@ another model (adapt trained further, another threshold) are deleted, not reused
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -99,6 +100,16 @@ def _start_labelling(out: fileio.Path, provenance: dict) -> None:
     multihost_utils.sync_global_devices('pseudo_label: labels directory ready')
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def confident(seg, variables, images, size: tuple[int, int], threshold: float) -> jax.Array:
+  """[1,H,W,3] -> [H,W] uint8 at `size` (H, W): the arg-max where the softmax confidence passes
+  the threshold, else ignore. The weights are an argument: one compiled program per model
+  shape, not per set of weights (nor weights baked into it as constants)."""
+  logits, _, _ = seg.apply(variables, images, train=False)
+  probs = jax.nn.softmax(losses.upsample_bilinear(logits.astype(jnp.float32), size), -1)
+  return pseudo.confident_labels(probs[0], threshold, ignore_label=IGNORE)
+
+
 def _read_label(path: fileio.Path, size_hw: tuple[int, int], num_classes: int
                 ) -> np.ndarray | None:
   """The [H, W] uint8 labels of an earlier run's PNG, or None if it is missing or unusable."""
@@ -127,13 +138,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpts.close()
   _start_labelling(out, _provenance(config, meta, sizes))
 
-  @jax.jit
-  def confident(images):
-    """[1,H,W,3] -> [H,W] uint8: argmax where the softmax confidence passes the threshold."""
-    logits, _, _ = seg.apply(variables, images, train=False)
-    probs = jax.nn.softmax(losses.upsample_bilinear(logits.astype(jnp.float32), (h, w)), -1)
-    return pseudo.confident_labels(probs[0], config.pseudo.threshold, ignore_label=IGNORE)
-
   kept = np.zeros(num_classes, np.int64)
   count = 0
   for example in reporting.progress(pipeline.target_images(config, 'selftrain'), desc='pseudo_label',
@@ -141,7 +145,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     path = out / f"{example['name']}.png"
     labels = _read_label(path, (h, w), num_classes)  # Resume: reuse what an earlier run wrote.
     if labels is None:
-      labels = refine(np.asarray(confident(example['image'])), sizes, config)
+      labels = np.asarray(confident(seg, variables, example['image'], (h, w),
+                                    float(config.pseudo.threshold)))
+      labels = refine(labels, sizes, config)
       visualize.save_png(path, labels.astype(np.uint8))
     kept += np.bincount(labels[labels != IGNORE].ravel(), minlength=num_classes)[:num_classes]
     count += 1
