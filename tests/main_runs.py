@@ -64,8 +64,8 @@ def start(workdir: str, *args: str) -> subprocess.Popen:
   return popen(command(workdir, *args))
 
 
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-  out, err = process.communicate(timeout=TIMEOUT)
+def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+  out, err = process.communicate(timeout=timeout)
   return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
@@ -166,3 +166,24 @@ def reference_workdir(tmp_path_factory) -> str:
   """A workdir where `--stage=all` ran to the end."""
   reference_run(tmp_path_factory)
   return _reference['workdir']
+
+
+# The run that shows learning: long enough for the target mIoU to rise well above chance and
+# for the pseudo-labels to keep pixels (so self-training has a loss), still short: 48 adapt
+# steps with the learning rate decaying to zero over them, then 12 self-training steps, a
+# checkpoint every 4 steps, evaluations at steps 16, 32, 48 of adapt and at the end of each stage.
+LEARN_ARGS = ('--config.adapt.num_steps=48', '--config.optim.poly_horizon=48',
+              '--config.eval_every_steps=16', '--config.checkpoint_every_steps=4',
+              '--config.self_train.num_steps=12')
+
+
+def learned_workdir(tmp_path_factory) -> str:
+  """A workdir where `--stage=all` ran with LEARN_ARGS (the GMM copied from the reference run);
+  run once per test session."""
+  if 'learned' not in _reference:
+    workdir = copy_stages(reference_workdir(tmp_path_factory),
+                          str(tmp_path_factory.mktemp('learned') / 'work'), ('fit_gmm',))
+    completed = finish(start(workdir, *LEARN_ARGS), timeout=2 * TIMEOUT)  # 6x adapt's steps
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    _reference['learned'] = workdir
+  return _reference['learned']

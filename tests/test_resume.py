@@ -70,6 +70,34 @@ def test_killed_and_signalled_runs_log_what_an_uninterrupted_run_logs(tmp_path_f
                 if not n.isdigit()]  # no unfinished save left behind
 
 
+def test_killed_self_train_logs_what_an_uninterrupted_run_logs(tmp_path_factory, tmp_path):
+  """SIGKILL during self_train once its first checkpoint is on disk, then rerun: the resumed
+  run ends with the metrics, results and best checkpoint of the uninterrupted run (the learning
+  run's self_train, whose pseudo-labels keep pixels, so every step has a loss to follow)."""
+  learned = main_runs.learned_workdir(tmp_path_factory)
+  cut = main_runs.copy_stages(learned, str(tmp_path / 'cut'),
+                              ('fit_gmm', 'adapt', 'pseudo_label'))
+  killed = main_runs.start(cut, '--stage=self_train', *main_runs.LEARN_ARGS)
+  main_runs.wait_until(lambda: main_runs.checkpoint_steps(cut, 'self_train'), killed)
+  killed.kill()  # SIGKILL: nothing of the run's own cleanup happens
+  killed.wait()
+  assert killed.returncode == -signal.SIGKILL
+  assert 'self_train' not in main_runs.results(cut)  # killed before the end
+  saved = main_runs.checkpoint_steps(cut, 'self_train')
+  assert saved and saved[-1] < 12, saved
+  logged = [m['step'] for m in main_runs.metrics(cut, 'self_train')]
+  assert 0 < max(logged) < 12, logged
+
+  completed = main_runs.run(cut, '--stage=self_train', *main_runs.LEARN_ARGS)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  expected = _read(os.path.join(learned, 'self_train', 'metrics.jsonl'))
+  assert len(expected.splitlines()) == 12 + 1  # 12 steps, the final evaluation
+  assert _read(os.path.join(cut, 'self_train', 'metrics.jsonl')) == expected
+  assert main_runs.results(cut)['self_train'] == main_runs.results(learned)['self_train']
+  assert main_runs.checkpoint_steps(cut, 'self_train', 'best') == main_runs.checkpoint_steps(
+      learned, 'self_train', 'best')
+
+
 @pytest.fixture
 def labelled_workdir(tmp_path_factory, tmp_path):
   """A workdir with fit_gmm and adapt done (pseudo_label still to run)."""
