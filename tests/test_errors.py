@@ -5,6 +5,7 @@ sees: exit status != 0, one `depthuda: error:` line, no traceback.
 """
 
 import io
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
@@ -330,7 +332,8 @@ def _limit_file_size(kilobytes, command):
 
 @pytest.fixture(scope='module', autouse=True)
 def failing_runs(tmp_path_factory):
-  """Runs of main that must fail: {case: (process, workdir, before)}.
+  """Runs of main that must fail, and one that skips its non-finite steps:
+  {case: (process, workdir, before)}.
 
   Started with the module, side by side with the in-process tests and the shared reference
   run; the tests at the end of the module check them. Each workdir holds an earlier result that
@@ -351,6 +354,9 @@ def failing_runs(tmp_path_factory):
   no_gmm = ('--config.loss.lambda_bal_src=0', '--config.loss.lambda_bal_tgt=0')
   start('nonfinite', '--stage=adapt', '--config.optim.lr=1e30',
         '--config.checkpoint_every_steps=1', '--verbosity=-1', *no_gmm)
+  start('skip', '--stage=adapt', '--config.optim.lr=1e30', '--config.nonfinite=skip',
+        '--config.adapt.num_steps=4', '--config.checkpoint_every_steps=1',
+        '--config.keep_checkpoints=4', *no_gmm)
   start('full disk', '--stage=adapt', '--config.checkpoint_every_steps=1', *no_gmm,
         wrap=lambda command: _limit_file_size(100, command))
   start('missing dataset', '--stage=fit_gmm', '--config.data.toy=False',
@@ -369,6 +375,33 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(failing_runs):
   # --verbosity=-1: warnings and errors only, not the line of logged step 1.
   assert not re.search(r'^I\d{4} .*adapt: step 1/', completed.stderr, flags=re.M)
   assert open(os.path.join(workdir, 'results.json')).read() == before
+
+
+def test_nonfinite_skip_leaves_the_state_and_runs_to_the_end(failing_runs):
+  """The run that stops above, with nonfinite=skip: step 1 updates the networks (its loss is
+  finite), which makes every later loss non-finite; each later step changes nothing saved but
+  the step count, is reported, and counted in results.json, and the run ends normally."""
+  process, workdir, before = failing_runs['skip']
+  completed = main_runs.finish(process)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  reported = re.findall(r'adapt: non-finite (?:(?:loss\w*=(?:nan|-?inf)(?:, )?)+|gradient) '
+                        r'at step (\d+); update skipped$',
+                        completed.stdout + completed.stderr, flags=re.M)
+  assert reported == ['2', '3', '4'], completed.stderr[-3000:]
+  entry = json.loads(open(os.path.join(workdir, 'results.json')).read())['adapt']
+  assert entry['steps'] == 4 and entry['skipped_steps'] == 3
+  assert [m['step'] for m in main_runs.metrics(workdir, 'adapt') if 'loss' in m] == [1, 2, 3, 4]
+  assert main_runs.checkpoint_steps(workdir, 'adapt') == [1, 2, 3, 4]
+  states = {step: ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'adapt', 'checkpoints', str(step), 'state')) for step in (1, 2, 4)}
+  assert [int(states[s].pop('step')) for s in (1, 2, 4)] == [1, 2, 4]
+  # Step 1 was a real update: the momentum buffers no longer hold their initial zeros.
+  traces = [np.abs(leaf).max() for path, leaf in
+            jax.tree_util.tree_leaves_with_path(states[1]['opt_state'])
+            if 'trace' in jax.tree_util.keystr(path)]
+  assert traces and max(traces) > 0
+  for step in (2, 4):
+    jax.tree.map(np.testing.assert_array_equal, states[step], states[1])
 
 
 def test_full_disk_is_one_line_and_keeps_earlier_results(failing_runs):
