@@ -338,3 +338,36 @@ def test_init_from_mismatches_cli(conversions, tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith('depthuda: error: config.init_from='), lines[0]
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_adapt_run_starts_from_the_imagenet_trunk(conversions, tmp_path):
+  """`depthuda.main --config.init_from=<ImageNet conversion>`: the first checkpoint of adapt
+  holds the file's trunk (weights and BatchNorm statistics) exactly, and the classifier and the
+  depth and density heads of a run without init_from (a fresh init from the seed). Every loss
+  weight and the weight decay 0 and BatchNorm frozen: a step changes nothing of the segmenter,
+  so step 1 shows step 0."""
+  still = ('--stage=adapt', '--config.adapt.num_steps=1', '--config.checkpoint_every_steps=1',
+           f'--config.model.layers={LAYERS}'.replace(' ', ''), '--config.optim.weight_decay=0',
+           '--config.model.bn_mode=frozen',
+           *(f'--config.loss.lambda_{term}=0' for term in ('seg', 'depth', 'bal_src', 'bal_tgt',
+                                                            'adv')))
+  runs = {name: main_runs.start(str(tmp_path / name), *still, f'--config.init_from={init_from}')
+          for name, init_from in (('imagenet', conversions['imagenet']), ('scratch', ''))}
+  state = {}
+  for name, process in runs.items():
+    completed = main_runs.finish(process)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert main_runs.checkpoint_steps(str(tmp_path / name), 'adapt') == [1]
+    state[name] = ocp.StandardCheckpointer().restore(tmp_path / name / 'adapt' / 'checkpoints' /
+                                                     '1' / 'state')
+  file = ocp.StandardCheckpointer().restore(conversions['imagenet'] / 'variables')
+  loaded, scratch = state['imagenet'], state['scratch']
+  assert set(loaded['params']) == set(file['params']) | set(models.HEADS)
+  for collection in ('params', 'batch_stats'):
+    for name, value in file[collection].items():
+      jax.tree.map(np.testing.assert_array_equal, loaded[collection][name], value)
+  assert loaded['params']['classifier']['conv0']['kernel'].shape[-1] == 7  # the toy's classes
+  for head in models.HEADS:
+    jax.tree.map(np.testing.assert_array_equal, loaded['params'][head], scratch['params'][head])
+  assert not np.array_equal(file['params']['conv1']['kernel'],
+                            scratch['params']['conv1']['kernel'])  # the trunk is not the seed's
