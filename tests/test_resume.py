@@ -91,7 +91,7 @@ def test_killed_self_train_logs_what_an_uninterrupted_run_logs(tmp_path_factory,
   completed = main_runs.run(cut, '--stage=self_train', *main_runs.LEARN_ARGS)
   assert completed.returncode == 0, completed.stderr[-3000:]
   expected = _read(os.path.join(learned, 'self_train', 'metrics.jsonl'))
-  assert len(expected.splitlines()) == 12 + 1  # 12 steps, the final evaluation
+  assert len(expected.splitlines()) == 12  # one object per step, the final evaluation included
   assert _read(os.path.join(cut, 'self_train', 'metrics.jsonl')) == expected
   assert main_runs.results(cut)['self_train'] == main_runs.results(learned)['self_train']
   assert main_runs.checkpoint_steps(cut, 'self_train', 'best') == main_runs.checkpoint_steps(
