@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import toy  # pylint: disable=g-import-not-at-top,wrong-import-position
-from depthuda import gmm, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from depthuda import gmm, models, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LAMBDAS = ('lambda_depth', 'lambda_bal_src', 'lambda_bal_tgt', 'lambda_adv')
 
@@ -34,7 +34,7 @@ def synthetic_batch(config, seed: int) -> dict:
   label = rng.integers(0, c, (b, h, w)).astype(np.int32)
   depth = rng.uniform(1, 200, (b, h, w)).astype(np.float32)
   rows, cols = (np.floor((np.arange(m) + 0.5) * n / m).astype(int)  # the PIL rule
-                for n, m in zip((h, w), train.feature_grid(config)))
+                for n, m in zip((h, w), models.feature_grid(config)))
   return {'source': {'image': image(), 'label': jnp.asarray(label), 'depth': jnp.asarray(depth),
                      'label_grid': jnp.asarray(label[:, rows][:, :, cols]),
                      'depth_grid': jnp.asarray(depth[:, rows][:, :, cols])},
@@ -53,7 +53,7 @@ def synthetic_gmm(config, seed: int) -> gmm.GMMParams:
 def update(config, dtype: str, state, batch, gmm_params):
   config = config.copy_and_resolve_references()
   config.compute_dtype = dtype
-  seg, disc = train.build_models(config, axis_name=None)
+  seg, disc = models.build(config)
   _, seg_tx, disc_tx = train.init_state(config, seg, disc)
   step = jax.jit(lambda s, b, g: train.adapt_step(s, b, g, seg=seg, disc=disc, seg_tx=seg_tx,
                                                   disc_tx=disc_tx, config=config, axis_name=None))
@@ -64,7 +64,7 @@ def update(config, dtype: str, state, batch, gmm_params):
 def compare(config, name: str, seed: int) -> None:
   config = config.copy_and_resolve_references()
   config.seed = seed
-  seg, disc = train.build_models(config, axis_name=None)
+  seg, disc = models.build(config)
   state, _, _ = train.init_state(config, seg, disc)
   batch, gmm_params = synthetic_batch(config, seed), synthetic_gmm(config, seed)
   d32 = update(config, 'float32', state, batch, gmm_params)

@@ -55,7 +55,7 @@ def measure(root: str, pairs: int, warmup: int) -> dict:
   """Pairs per second through the production source and target streams."""
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
-  from depthuda import train
+  from depthuda import models
   from depthuda.data import decoding
   from depthuda.data import labels
   from depthuda.data import pipeline
@@ -91,7 +91,7 @@ def measure(root: str, pairs: int, warmup: int) -> dict:
     for _ in range(10):
       fn(contents[key]).numpy()
     breakdown[key] = (time.perf_counter() - start) / 10
-  source = pipeline.source_train(config, train.feature_grid(config))
+  source = pipeline.source_train(config, models.feature_grid(config))
   target = pipeline.target_train(config)
   for _ in range(warmup):  # Builds the TFDS datasets on first use, fills the prefetch buffers.
     next(source), next(target)

@@ -109,16 +109,17 @@ def diagnose(config, workdir: str, cache: str | None = None) -> dict:
   from depthuda import density
   from depthuda import fileio
   from depthuda import gmm
+  from depthuda import models
   from depthuda import reporting
   from depthuda import train
   from depthuda.data import pipeline
   from depthuda.stages import fit_gmm
 
-  seg, _ = train.build_models(config, axis_name=None)
+  seg, _ = models.build(config)
   ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
   try:
     variables, meta = ckpts.restore_model(config.model_selection,
-                                          train.abstract_variables(config, seg))
+                                          models.abstract_variables(config, seg))
   finally:
     ckpts.close()
   params = fit_gmm.load_params(workdir)
@@ -133,7 +134,7 @@ def diagnose(config, workdir: str, cache: str | None = None) -> dict:
 
   pred_depth, true_depth, pred_dens, true_dens, own_dens = [], [], [], [], []
   examples = list(pipeline.target_val(config))
-  grid = tuple(train.feature_grid(config))
+  grid = tuple(models.feature_grid(config))
   truth = _truth([e['name'] for e in examples], grid, config.data.num_classes, cache)
   for example in examples:
     seg_logits, dens, depth = predict(variables, example['image'])

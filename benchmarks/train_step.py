@@ -86,7 +86,7 @@ class JaxSession:
     import jax.numpy as jnp
     import numpy as np
     from configs import common
-    from depthuda import gmm, train
+    from depthuda import gmm, models, train
     self.jax = jax
     config = common.get_base_config()
     config.data.input_size = (args.width, args.height)
@@ -97,7 +97,7 @@ class JaxSession:
       config.loss.lambda_adv = config.loss.lambda_bal_tgt = 0.0
     self.device = jax.local_devices()[0]
     mesh = train.make_mesh([self.device])
-    seg, disc = train.build_models(config)
+    seg, disc = models.build(config, axis_name=train.AXIS)
     state, seg_tx, disc_tx = train.init_state(config, seg, disc)
     self.state = train.replicate(state, mesh)
     rng = np.random.default_rng(0)
@@ -106,7 +106,7 @@ class JaxSession:
     label[:, : h // 10] = 255
     depth = rng.uniform(1, 60, (1, h, w)).astype(np.float32)
     rows, cols = (np.floor((np.arange(m) + 0.5) * n / m).astype(int)  # the PIL rule
-                  for n, m in zip((h, w), train.feature_grid(config)))
+                  for n, m in zip((h, w), models.feature_grid(config)))
     self.batch = train.shard_batch({
         'source': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32), 'label': label,
                    'depth': depth, 'label_grid': label[:, rows][:, :, cols],

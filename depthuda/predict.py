@@ -50,6 +50,7 @@ from depthuda import checkpointing
 from depthuda import cli
 from depthuda import fileio
 from depthuda import losses
+from depthuda import models
 from depthuda import reporting
 from depthuda import train
 from depthuda import visualize
@@ -109,8 +110,8 @@ def load_model(config, *, workdir: str | None = None, checkpoint: str | None = N
   """The segmenter, its restored variables and a description of where they came from."""
   if (workdir is None) == (checkpoint is None):
     raise InputError('give exactly one of --workdir and --checkpoint')
-  seg, _ = train.build_models(config, axis_name=None)
-  abstract = train.abstract_variables(config, seg)
+  seg, _ = models.build(config)
+  abstract = models.abstract_variables(config, seg)
   if checkpoint is not None:
     variables, info = checkpointing.load_model(checkpoint, _selection(config), abstract, config)
     return seg, variables, info['description']

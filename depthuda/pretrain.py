@@ -92,11 +92,11 @@ def pretrain(config: ml_collections.ConfigDict, scenes: str) -> dict:
   toy.generate_source(c.data.source_dir, seed=c.pretrain.seed,
                       num_source=c.pretrain.num_images, source_size=c.data.toy_source_size)
   mesh = train.make_mesh(jax.local_devices()[:1])  # one device: the same weights anywhere
-  seg, disc = train.build_models(c)
+  seg, disc = models.build(c, axis_name=train.AXIS)
   state, seg_tx, _ = train.init_state(c, seg, disc)
   state = train.replicate(state, mesh)
   step = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx, config=c)
-  batches = pipeline.source_train(c, train.feature_grid(c))
+  batches = pipeline.source_train(c, models.feature_grid(c))
   metrics = None
   for _ in reporting.progress(range(c.pretrain.num_steps), desc='pretrain', unit='step'):
     batch = next(batches)

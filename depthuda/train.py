@@ -78,40 +78,6 @@ def discriminator_optimizer(config: ml_collections.ConfigDict) -> optax.Gradient
   return optax.adam(_schedule(config, o.disc_lr), b1=o.disc_b1, b2=o.disc_b2, eps=1e-8)
 
 
-def build_models(config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
-  """The segmenter and discriminator modules a config describes."""
-  dtype = jnp.dtype(config.compute_dtype)
-  seg = models.DeepLabV2Depth(
-      num_classes=config.data.num_classes, layers=tuple(config.model.layers),
-      width=config.model.width, bn_mode=config.model.bn_mode,
-      bn_axis_name=axis_name if config.model.bn_sync else None, dtype=dtype,
-      head_init=config.model.head_init)
-  disc = models.Discriminator(ndf=config.model.disc_ndf)
-  return seg, disc
-
-
-def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(h, w) of the segmenter's output grid for the configured input size."""
-  seg, _ = build_models(config, axis_name=None)
-  w, h = config.data.input_size
-  out = jax.eval_shape(lambda: seg.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
-                                                    train=False)[0])
-  return tuple(out[0].shape[1:3])
-
-
-def abstract_variables(config: ml_collections.ConfigDict, seg: nn.Module) -> Any:
-  """Shapes of the segmenter variables, placed on this process's first device.
-
-  An explicit device keeps Orbax from restoring onto the devices recorded at save time (a
-  checkpoint written on a GPU machine restores on a CPU-only one and vice versa).
-  """
-  width, height = config.data.input_size
-  shapes = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
-                                           jnp.zeros((1, height, width, 3)), train=False))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-
-
 def _init_keys(config: ml_collections.ConfigDict) -> jax.Array:
   """The keys of a fresh run: [segmenter init, discriminator init, the run's RNG]."""
   return jax.random.split(jax.random.PRNGKey(config.seed), 3)

@@ -131,13 +131,13 @@ def prepare_test_data() -> None:
   if _reference.get('data_ready'):
     return
   from configs import test as test_config
-  from depthuda import train
+  from depthuda import models
   from depthuda.data import pipeline
   config = test_config.get_config()
   cwd = os.getcwd()
   os.chdir(ROOT)  # The config's data paths are relative to the repository root.
   try:
-    next(iter(pipeline.source_grid_points(config, train.feature_grid(config))))
+    next(iter(pipeline.source_grid_points(config, models.feature_grid(config))))
     next(iter(pipeline.target_val(config)))
   finally:
     os.chdir(cwd)

@@ -165,7 +165,7 @@ def test_adapt_steps_match_an_independent_pytorch_iteration():
   torch.manual_seed(0)
   model = TorchDeepLab(config.model.layers, config.model.width, C)
   state_dict = lambda: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc,
                                             models.from_torch_state_dict(state_dict(), C))
   torch_disc = TorchDiscriminator((C,) + tuple(config.model.disc_ndf * 2**i for i in range(4))

@@ -9,7 +9,7 @@ import pytest
 from configs import test as test_config
 from depthuda import checkpointing
 from depthuda import converted
-from depthuda import train
+from depthuda import models
 from depthuda.errors import InputError
 from tests import main_runs
 
@@ -18,8 +18,8 @@ from tests import main_runs
 def reference(tmp_path_factory):
   workdir = main_runs.reference_workdir(tmp_path_factory)
   config = test_config.get_config()
-  seg, _ = train.build_models(config, axis_name=None)
-  return workdir, train.abstract_variables(config, seg), config
+  seg, _ = models.build(config)
+  return workdir, models.abstract_variables(config, seg), config
 
 
 def _equal(a, b):

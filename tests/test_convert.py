@@ -277,7 +277,7 @@ def test_convert_cli(conversions, state_dict, tmp_path):
 
 def _initial_variables(config):
   """What the adapt stage starts from, and what a run without `init_from` starts from."""
-  seg, _ = train.build_models(config)
+  seg, _ = models.build(config, axis_name=train.AXIS)
   loaded = training.initial_variables(config, '', 'adapt', seg)
   return train.init_segmenter(config, seg, loaded), seg
 

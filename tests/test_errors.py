@@ -24,6 +24,7 @@ import pytest
 from configs import test as test_config
 from depthuda import checkpointing
 from depthuda import converted
+from depthuda import models
 from depthuda import train
 from depthuda.data import cityscapes
 from depthuda.data import pipeline
@@ -153,13 +154,13 @@ def _adapt_config():
 
 def test_missing_or_mismatched_pretrained_checkpoint(tmp_path):
   config = _adapt_config()
-  seg, _ = train.build_models(config)
+  seg, _ = models.build(config, axis_name=train.AXIS)
   config.init_from = str(tmp_path / 'nothing')
   with pytest.raises(InputError, match=r'config.init_from=.*nothing: no converted checkpoint at'):
     training.initial_variables(config, str(tmp_path), 'adapt', seg)
   wider = config.copy_and_resolve_references()
   wider.model.width = 8
-  wide_seg, _ = train.build_models(wider)
+  wide_seg, _ = models.build(wider, axis_name=train.AXIS)
   variables = jax.jit(lambda: wide_seg.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 48, 3)),
                                             train=False))()
   layers = config.model.layers
@@ -188,7 +189,7 @@ def test_skipped_nonfinite_step_changes_only_the_step_count():
   config = _adapt_config()
   config.nonfinite = 'skip'
   mesh = train.make_mesh(jax.devices()[:1])
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   state, seg_tx, _ = train.init_state(config, seg, disc)
   state = train.replicate(state, mesh)
   before = jax.device_get(state)

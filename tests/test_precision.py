@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from depthuda import models
 from depthuda import train
 from test_train import _batches, _config, _gmm_params
 
@@ -27,7 +28,7 @@ def _equations(jaxpr, primitive: str) -> list:
 def test_bfloat16_compute_keeps_state_and_losses_float32():
   config = _config(compute_dtype='bfloat16')
   mesh = train.make_mesh(jax.devices()[:1])
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   assert seg.dtype == jnp.bfloat16
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
   state = train.replicate(state, mesh)

@@ -17,7 +17,7 @@ from depthuda import checkpointing
 from depthuda import converted
 from depthuda import losses
 from depthuda import predict
-from depthuda import train
+from depthuda import models
 from depthuda import visualize
 from tests import main_runs
 from tests.test_mapillary import _varied_variables
@@ -53,7 +53,7 @@ def _constant_heads(variables):
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('predict')
   config = test_config.get_config()
-  seg, _ = train.build_models(config, axis_name=None)
+  seg, _ = models.build(config)
   w, h = config.data.input_size
   variables = jax.jit(lambda k: seg.init(k, jnp.zeros((1, h, w, 3)), train=False))(
       jax.random.PRNGKey(0))

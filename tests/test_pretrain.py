@@ -31,8 +31,8 @@ def test_pretrained_trunk_is_made_once_reused_remade_and_loaded(tmp_path):
   assert not pretrain.ensure(config)  # current: reused as it is
   assert os.path.getmtime(os.path.join(config.init_from, 'metadata.json')) == stamp
 
-  seg, _ = train.build_models(config, axis_name=None)
-  loaded = checkpointing.load_variables(config.init_from, train.abstract_variables(config, seg),
+  seg, _ = models.build(config)
+  loaded = checkpointing.load_variables(config.init_from, models.abstract_variables(config, seg),
                                         meta)
   assert not set(models.HEADS) & set(loaded['params'])
   start = train.init_segmenter(config, seg, jax.device_get(loaded))

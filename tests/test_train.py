@@ -8,6 +8,7 @@ import pytest
 from configs import test as test_config
 from depthuda import gmm
 from depthuda import losses
+from depthuda import models
 from depthuda import train
 
 C = 7
@@ -45,7 +46,7 @@ def _on_grid(x, grid):
 def _batches(num, batch, config, seed=0):
   rng = np.random.default_rng(seed)
   w, h = config.data.input_size
-  grid = train.feature_grid(config)
+  grid = models.feature_grid(config)
   out = []
   for _ in range(num):
     label = rng.integers(0, C, (batch, h, w)).astype(np.int32)
@@ -62,7 +63,7 @@ def _batches(num, batch, config, seed=0):
 def _sharded_adapt_step(config, devices):
   """(mesh, replicated initial state, jitted adapt step) over `devices` (None: all)."""
   mesh = train.make_mesh(devices)
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
   step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                  disc_tx=disc_tx, config=config)
@@ -98,7 +99,7 @@ def test_four_devices_equal_one_device():
   assert jax.device_count() >= 4
   config = _config(**{'optim.lr': 2.5e-4})  # The original's rate (the toy's 1e-2 is chaotic here).
   batches = _batches(5, 4, config)
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   state0 = jax.device_get(train.init_state(config, seg, disc)[0])
   state1, hist1, _ = _run(config, jax.devices()[:1], batches)
   state4, hist4, _ = _run(config, jax.devices()[:4], batches)
@@ -146,7 +147,7 @@ def test_segmenter_update_ignores_discriminator_loss():
 def test_source_only_leaves_discriminator_untouched():
   config = _config(**{'loss.lambda_adv': 0.0, 'loss.lambda_bal_tgt': 0.0,
                       'loss.lambda_bal_src': 0.0, 'loss.lambda_depth': 0.0})
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   before, _, _ = train.init_state(config, seg, disc)
   after, history, _ = _run(config, jax.devices()[:1], _batches(2, 2, config))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(before.disc_params), after.disc_params)
@@ -156,9 +157,8 @@ def test_source_only_leaves_discriminator_untouched():
 def test_frozen_batchnorm_affine_parameters_do_not_move():
   config = _config()
   after, _, _ = _run(config, jax.devices()[:1], _batches(2, 2, config))
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   before, _, _ = train.init_state(config, seg, disc)
-  from depthuda import models
   mask = models.frozen_mask(after.params)
   moved = jax.tree.map(lambda m, a, b: bool(m) and not np.array_equal(a, b), mask,
                        after.params, jax.device_get(before.params))
@@ -231,7 +231,7 @@ def test_two_gradients_equal_the_gradient_of_the_summed_loss():
   """adapt_step's source-then-target gradients against one `grad` of the summed losses."""
   config = _config(**{'model.bn_sync': False})
   assert config.loss.lambda_adv > 0 and config.loss.lambda_bal_tgt > 0  # Both target terms on.
-  seg, disc = train.build_models(config, axis_name=None)
+  seg, disc = models.build(config)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
   batch = jax.tree.map(jnp.asarray, _batches(1, 2, config)[0])
   gmm_params = _gmm_params()
@@ -258,7 +258,7 @@ def test_two_gradients_equal_the_gradient_of_the_summed_loss():
 
 def _one_adapt_step(config):
   """(state before, the segmenter gradient, metrics) of one unsharded adapt step."""
-  seg, disc = train.build_models(config, axis_name=None)
+  seg, disc = models.build(config)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
   batch = jax.tree.map(jnp.asarray, _batches(1, 2, config)[0])
 
@@ -316,7 +316,7 @@ def test_density_losses_off_zero_their_terms_and_gradients():
 
 def _self_train_run(config, devices, batches):
   mesh = train.make_mesh(devices)
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   state, seg_tx, _ = train.init_state(config, seg, disc)
   step = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
                                  config=config)
@@ -332,7 +332,7 @@ def test_self_train_two_devices_equal_one_device():
   config = _config(**{'optim.lr': 2.5e-4})
   batches = [{'image': b['target']['image'], 'label': b['source']['label']}
              for b in _batches(2, 2, config)]
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   start = jax.device_get(train.init_state(config, seg, disc)[0].params)
   one, loss1 = _self_train_run(config, jax.devices()[:1], batches)
   two, loss2 = _self_train_run(config, jax.devices()[:2], batches)
@@ -347,7 +347,7 @@ def test_both_steps_sum_gradients_with_one_explicit_psum(monkeypatch):
   `_sum_over_devices` (one mechanism, not shard_map's transpose in one step and psum in the
   other): traced, it receives the segmenter's gradient in both steps and D's in adapt_step."""
   config = _config()
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
   mesh = train.make_mesh(jax.devices()[:2])
   summed, sum_over_devices = [], train._sum_over_devices

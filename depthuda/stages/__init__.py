@@ -13,8 +13,8 @@ import ml_collections
 
 from depthuda import checkpointing
 from depthuda import fileio
+from depthuda import models
 from depthuda import reporting
-from depthuda import train
 from depthuda.data import pipeline
 from depthuda.stages import evaluation
 from depthuda.stages import fit_gmm
@@ -26,7 +26,7 @@ SELF_TRAINING = ('pseudo_label', 'self_train')  # the stages self_train.enabled=
 
 
 def _adapt_batches(config, start):
-  source = pipeline.source_train(config, train.feature_grid(config), start_step=start)
+  source = pipeline.source_train(config, models.feature_grid(config), start_step=start)
   target = pipeline.target_train(config, start_step=start)
   for src, tgt in zip(source, target):
     yield {'source': src, 'target': tgt}

@@ -28,6 +28,7 @@ from depthuda import checkpointing
 from depthuda import fileio
 from depthuda import evaluate as metrics_lib
 from depthuda import losses
+from depthuda import models
 from depthuda import reporting
 from depthuda import train
 from depthuda import visualize
@@ -241,7 +242,7 @@ def model_stage(workdir: str, selection: str, self_train: bool = True) -> str:
 def _load(config: ml_collections.ConfigDict, workdir: str, seg, checkpoint: str | None
           ) -> tuple[object, dict, str]:
   """The model to score, its results.json fields and a description."""
-  abstract = train.abstract_variables(config, seg)
+  abstract = models.abstract_variables(config, seg)
   selection = config.model_selection
   if checkpoint:
     variables, info = checkpointing.load_model(checkpoint, selection, abstract, config)
@@ -263,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None 
   """Evaluates the selected model of `workdir`, or the one at `checkpoint`; writes results, the
   table, plots and prediction panels."""
   out_dir = fileio.Path(workdir) / 'eval'
-  seg, _ = train.build_models(config, axis_name=None)
+  seg, _ = models.build(config)
   variables, fields, model = _load(config, workdir, seg, checkpoint)
   result = evaluate(config, seg, variables, desc=f'eval ({model})')
   result.update(fields, **settings(config))

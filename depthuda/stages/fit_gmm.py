@@ -32,8 +32,8 @@ from jax.experimental import multihost_utils
 from depthuda import fileio
 from depthuda import gmm
 from depthuda import gmm_streaming
+from depthuda import models
 from depthuda import reporting
-from depthuda import train
 from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
 
@@ -49,7 +49,7 @@ def collect_grid(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
   num_classes = config.data.num_classes
   classes, depths = [], []
   counts = np.zeros(num_classes, np.int64)
-  for batch in reporting.progress(pipeline.source_grid_points(config, train.feature_grid(config)),
+  for batch in reporting.progress(pipeline.source_grid_points(config, models.feature_grid(config)),
                                   desc='fit_gmm: scan', unit='batch'):
     label = batch['label']
     counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)
@@ -91,7 +91,7 @@ def cached_grid(config: ml_collections.ConfigDict, workdir: str
   key = json.dumps({'source_dir': os.fspath(fileio.absolute(config.data.source_dir)),
                     'grid_format': _GRID_FORMAT, 'input_size': list(config.data.input_size),
                     'num_classes': config.data.num_classes,
-                    'grid_size_hw': list(train.feature_grid(config))}, sort_keys=True)
+                    'grid_size_hw': list(models.feature_grid(config))}, sort_keys=True)
   cache = _load_keyed(path, key)
   if cache is not None:
     return cache['classes'], cache['depths'], cache['counts']
@@ -258,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   record = {
       'num_components': g.num_components,
       'coordinates': ['x (grid column)', 'y (grid row)', 'z (inverse depth)'],
-      'grid_size_hw': list(train.feature_grid(config)),
+      'grid_size_hw': list(models.feature_grid(config)),
       'classes': {
           name: {'pixel_count': int(counts[c]), 'num_points': int(num_points[c]),
                  'weights': np.asarray(params.weights[c]).tolist(),
@@ -318,7 +318,7 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
   shapes = {'weights': (k,), 'means': (k, 3), 'variances': (k, 3)}
   try:
     if (list(record['classes']) != list(label_lib.class_names(config.data.num_classes))
-        or record['num_components'] != k or record['grid_size_hw'] != list(train.feature_grid(config))):
+        or record['num_components'] != k or record['grid_size_hw'] != list(models.feature_grid(config))):
       return False
     for c in record['classes'].values():
       for key, shape in shapes.items():

@@ -27,9 +27,9 @@ from jax.experimental import multihost_utils
 from depthuda import checkpointing
 from depthuda import fileio
 from depthuda import losses
+from depthuda import models
 from depthuda import pseudo
 from depthuda import reporting
-from depthuda import train
 from depthuda import visualize
 from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
@@ -127,10 +127,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = label_dir(workdir)
   num_classes = config.data.num_classes
   sizes = region_sizes(config, workdir)
-  seg, _ = train.build_models(config, axis_name=None)
+  seg, _ = models.build(config)
+  abstract = models.abstract_variables(config, seg)
   w, h = config.data.input_size
-  abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
-                                             train=False))
   ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
   try:
     variables, meta = ckpts.restore_model(config.model_selection, abstract)

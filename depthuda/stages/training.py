@@ -22,7 +22,6 @@ import signal
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 from clu.periodic_actions import PeriodicCallback
 from jax.experimental import multihost_utils
 import ml_collections
@@ -32,6 +31,7 @@ from depthuda import checkpointing
 from depthuda import converted
 from depthuda import fileio
 from depthuda import losses
+from depthuda import models
 from depthuda import reporting
 from depthuda import train
 from depthuda.errors import InputError
@@ -88,9 +88,7 @@ def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: st
   """Where a stage starts: self_train from adapt's model (config.model_selection: its best or
   its last), adapt from `init_from` (an ImageNet conversion gives the trunk alone:
   `train.init_state` initializes the rest)."""
-  w, h = config.data.input_size
-  abstract = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, h, w, 3)), train=False))
+  abstract = models.abstract_variables(config, seg)
   if stage == 'self_train':
     ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
     try:
@@ -175,7 +173,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
     train.check_batch_size(config.batch_size, mesh)
   except ValueError as e:
     raise InputError(str(e)) from None
-  seg, disc = train.build_models(config)
+  seg, disc = models.build(config, axis_name=train.AXIS)
   ckpts = checkpointing.StageCheckpoints(stage_dir, keep=config.keep_checkpoints, resume=True)
   try:
     return _train(stage, config, workdir, batches, mesh, seg, disc, ckpts)
