@@ -109,11 +109,11 @@ def diagnose(config, workdir: str, cache: str | None = None) -> dict:
   from depthuda import density
   from depthuda import fileio
   from depthuda import gmm
+  from depthuda import gmm_record
   from depthuda import models
   from depthuda import reporting
   from depthuda import train
   from depthuda.data import pipeline
-  from depthuda.stages import fit_gmm
 
   seg, _ = models.build(config)
   ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
@@ -122,7 +122,7 @@ def diagnose(config, workdir: str, cache: str | None = None) -> dict:
                                           models.abstract_variables(config, seg))
   finally:
     ckpts.close()
-  params = fit_gmm.load_params(workdir)
+  params = gmm_record.load_params(workdir)
   scale = config.gmm.density_scale
   predict = train.predict_fn(seg)
 

@@ -1,5 +1,6 @@
-"""The eval stage: test-time augmentation (flipped and rescaled views, their softmax averaged),
-evaluation split over devices, and the prediction and pseudo-labelling programs."""
+"""Evaluation (depthuda/validation.py): test-time augmentation (flipped and rescaled views, their
+softmax averaged), evaluation split over devices, and the prediction and pseudo-labelling
+programs."""
 
 import jax
 import ml_collections
@@ -13,9 +14,9 @@ from depthuda import evaluate as metrics_lib
 from depthuda import losses
 from depthuda import models
 from depthuda import train
+from depthuda import validation
 from depthuda.data import pipeline
 from depthuda.errors import InputError
-from depthuda.stages import evaluation
 from depthuda.stages import pseudo_label
 from tests import main_runs
 from tests.test_mapillary import _varied_variables
@@ -42,9 +43,9 @@ def model():
 
 
 def _probabilities(seg, variables, image, flip, scales, size):
-  view_list = evaluation.views(_eval_config(flip, scales))
-  logits = evaluation.view_logits(seg, variables, image, view_list)
-  return np.asarray(evaluation.mean_probabilities(logits, tuple(f for _, f in view_list), size))
+  view_list = validation.views(_eval_config(flip, scales))
+  logits = validation.view_logits(seg, variables, image, view_list)
+  return np.asarray(validation.mean_probabilities(logits, tuple(f for _, f in view_list), size))
 
 
 @pytest.mark.parametrize('scales', [(1.0,), (0.75, 1.0, 1.5)])
@@ -77,14 +78,14 @@ def test_flip_averaging_is_mirror_equivariant(model):
 
 
 def test_views_and_their_errors():
-  assert evaluation.views(_eval_config(False, (1.0,))) == ((1.0, False),)
-  assert evaluation.views(_eval_config(True, (0.5, 1))) == (
+  assert validation.views(_eval_config(False, (1.0,))) == ((1.0, False),)
+  assert validation.views(_eval_config(True, (0.5, 1))) == (
       (0.5, False), (0.5, True), (1.0, False), (1.0, True))
   for scales in ((), (0.0,), ('1',)):
     with pytest.raises(InputError, match='config.eval.scales'):
-      evaluation.views(_eval_config(False, scales))
+      validation.views(_eval_config(False, scales))
   with pytest.raises(InputError, match='config.eval.flip'):
-    evaluation.views(_eval_config('yes', (1.0,)))
+    validation.views(_eval_config('yes', (1.0,)))
 
 
 def test_without_augmentation_the_scores_are_the_plain_arg_max(monkeypatch):
@@ -96,7 +97,7 @@ def test_without_augmentation_the_scores_are_the_plain_arg_max(monkeypatch):
   assert tuple(config.eval.scales) == (1.0,) and config.eval.flip is False  # the defaults
   seg = models.DeepLabV2Depth(num_classes=7, layers=(1, 1, 1, 1), width=4)
   variables = _varied_variables(seg)
-  result = evaluation.evaluate(config, seg, variables)
+  result = validation.evaluate(config, seg, variables)
   cm = np.zeros((7, 7), np.int64)
   for example in pipeline.target_val(config, config.eval.protocol):
     logits, _, _ = seg.apply(variables, example['image'], train=False)
@@ -104,7 +105,7 @@ def test_without_augmentation_the_scores_are_the_plain_arg_max(monkeypatch):
     cm += metrics_lib.confusion_matrix(np.asarray(up).argmax(-1), example['label'], 7)
   np.testing.assert_array_equal(np.asarray(result['confusion_matrix']), cm)
   config.eval.flip = True
-  assert np.asarray(evaluation.evaluate(config, seg, variables)['confusion_matrix']).sum() == (
+  assert np.asarray(validation.evaluate(config, seg, variables)['confusion_matrix']).sum() == (
       cm.sum())
 
 
@@ -118,17 +119,17 @@ def test_split_over_devices_equals_one_device_and_uses_the_variables_in_place(mo
   config.eval.flip = True
   seg = models.DeepLabV2Depth(num_classes=7, layers=(1, 1, 1, 1), width=4)
   variables = _varied_variables(seg)
-  seen, logits = [], evaluation._logits
+  seen, logits = [], validation._logits
   def spy(seg, variables, images, scale, flip):
     seen.append((variables, images.shape[0]))
     return logits(seg, variables, images, scale, flip)
-  monkeypatch.setattr(evaluation, '_logits', spy)
+  monkeypatch.setattr(validation, '_logits', spy)
   counts = {}
   for n in (1, 2):
     mesh = train.make_mesh(jax.devices()[:n])
-    placed = evaluation.on_mesh(variables, mesh)
+    placed = validation.on_mesh(variables, mesh)
     seen.clear()
-    counts[n] = evaluation.evaluate(config, seg, placed, mesh=mesh)['confusion_matrix']
+    counts[n] = validation.evaluate(config, seg, placed, mesh=mesh)['confusion_matrix']
     assert {batch for _, batch in seen} == {n}
     for used, _ in seen:
       assert all(a is b for a, b in zip(jax.tree.leaves(used), jax.tree.leaves(placed)))

@@ -237,13 +237,13 @@ def test_evaluation_protocols_match_a_numpy_and_sklearn_reference(root, protocol
   import torch
   from sklearn.metrics import confusion_matrix
   from depthuda import models
-  from depthuda.stages import evaluation
+  from depthuda import validation
   config = _config(root)
   config.eval = ml_collections.ConfigDict(dict(num_images=0, protocol=protocol, flip=False,
                                                scales=(1.0,)))
   seg = models.DeepLabV2Depth(num_classes=7, layers=(1, 1, 1, 1), width=4)
   variables = _varied_variables(seg)
-  result = evaluation.evaluate(config, seg, variables)
+  result = validation.evaluate(config, seg, variables)
   table = labels.label_map('mapillary', 7)
   expected = np.zeros((7, 7), np.int64)
   predicted_classes = set()

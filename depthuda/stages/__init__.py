@@ -15,6 +15,7 @@ from depthuda import checkpointing
 from depthuda import fileio
 from depthuda import models
 from depthuda import reporting
+from depthuda import validation
 from depthuda.data import pipeline
 from depthuda.stages import evaluation
 from depthuda.stages import fit_gmm
@@ -46,7 +47,7 @@ def _eval_complete(config, workdir):
   """results.json has an evaluation, with the current eval settings, of the model that
   config.model_selection picks now."""
   entry = reporting.read_results(workdir).get('eval')
-  if not entry or any(entry.get(k) != v for k, v in evaluation.settings(config).items()):
+  if not entry or any(entry.get(k) != v for k, v in validation.settings(config).items()):
     return False
   selection = config.model_selection
   try:

@@ -6,8 +6,9 @@ counts are taken at input size. Each cell of class c gives a point (x = column, 
 z = inverse depth). The grid is kept compactly (uint8 class, float32 depth per cell) and EM
 streams it in chunks, so the points of the whole source set never exist as one array. float32,
 not float16: SYNTHIA's raw depth 0 is inverse depth 65,536, float16's infinity, and the
-original's GMMs have components there. The result, `fit_gmm/gmm.json`, is human-readable and
-also holds the per-class source pixel counts that set the pseudo-label region sizes (METHOD §6).
+original's GMMs have components there. The result, `fit_gmm/gmm.json` (`gmm_record`), is
+human-readable and also holds the per-class source pixel counts that set the pseudo-label region
+sizes (METHOD §6).
 
 The scanned grid is kept in `fit_gmm/grid.*.npz` and the EM state after every iteration in
 `fit_gmm/em_state.npz` until the GMMs are written: a run cut off during EM reads neither the
@@ -23,14 +24,13 @@ import os
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from depthuda import fileio
-from depthuda import gmm
+from depthuda import gmm_record
 from depthuda import gmm_streaming
 from depthuda import models
 from depthuda import reporting
@@ -255,55 +255,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_points = np.bincount(classes.ravel()[classes.ravel() < num_classes], minlength=num_classes)
   if jax.process_count() > 1:
     num_points = np.asarray(multihost_utils.process_allgather(num_points)).sum(0)
-  record = {
-      'num_components': g.num_components,
-      'coordinates': ['x (grid column)', 'y (grid row)', 'z (inverse depth)'],
-      'grid_size_hw': list(models.feature_grid(config)),
-      'classes': {
-          name: {'pixel_count': int(counts[c]), 'num_points': int(num_points[c]),
-                 'weights': np.asarray(params.weights[c]).tolist(),
-                 'means': np.asarray(params.means[c]).tolist(),
-                 'variances': np.asarray(params.variances[c]).tolist()}
-          for c, name in enumerate(names)},
-      'iterations': int(info['iterations']),
-      'mean_log_likelihood': float(info['mean_log_likelihood']),
-  }
-  reporting.write_json(fileio.Path(workdir) / 'fit_gmm' / 'gmm.json', record)
+  record = gmm_record.make(params, info, names, counts, num_points, models.feature_grid(config))
+  gmm_record.write(workdir, record)
   for path in (_grid_cache(workdir), _em_state_path(workdir)):
     if path.exists() and (path != _em_state_path(workdir) or reporting.is_writer()):
       path.unlink()
   if reporting.is_writer():
-    print(summary(record))
+    print(gmm_record.summary(record))
   return {'iterations': record['iterations'],
           'mean_log_likelihood': record['mean_log_likelihood'],
           'pixel_counts': {n: record['classes'][n]['pixel_count'] for n in names}}
-
-
-def summary(record: dict) -> str:
-  lines = [f'{"class":<14}{"pixels":>12}  mean (x, y, z) of the heaviest component']
-  for name, c in record['classes'].items():
-    k = int(np.argmax(c['weights']))
-    mean = ', '.join(f'{v:7.2f}' for v in c['means'][k])
-    lines.append(f'{name:<14}{c["pixel_count"]:>12}  ({mean})  w={c["weights"][k]:.2f}')
-  return '\n'.join(lines)
-
-
-def load_record(workdir: str) -> dict:
-  path = fileio.Path(workdir) / 'fit_gmm' / 'gmm.json'
-  if not path.exists():
-    raise FileNotFoundError(f'{path} is missing (run the fit_gmm stage first)')
-  return json.loads(path.read_text())
-
-
-def load_params(workdir: str) -> gmm.GMMParams:
-  classes = load_record(workdir)['classes'].values()
-  stack = lambda key: jnp.asarray(np.array([c[key] for c in classes], np.float32))
-  return gmm.GMMParams(weights=stack('weights'), means=stack('means'),
-                       variances=stack('variances'))
-
-
-def pixel_counts(workdir: str) -> np.ndarray:
-  return np.array([c['pixel_count'] for c in load_record(workdir)['classes'].values()])
 
 
 def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -311,20 +272,8 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
   if 'fit_gmm' not in reporting.read_results(workdir):
     return False
   try:
-    record = load_record(workdir)
+    record = gmm_record.read(workdir)
   except (FileNotFoundError, ValueError):
     return False
-  k = config.gmm.num_components
-  shapes = {'weights': (k,), 'means': (k, 3), 'variances': (k, 3)}
-  try:
-    if (list(record['classes']) != list(label_lib.class_names(config.data.num_classes))
-        or record['num_components'] != k or record['grid_size_hw'] != list(models.feature_grid(config))):
-      return False
-    for c in record['classes'].values():
-      for key, shape in shapes.items():
-        values = np.asarray(c[key], np.float64)
-        if values.shape != shape or not np.isfinite(values).all():
-          return False
-  except (KeyError, TypeError, ValueError):
-    return False
-  return True
+  return gmm_record.matches(record, label_lib.class_names(config.data.num_classes),
+                            config.gmm.num_components, models.feature_grid(config))

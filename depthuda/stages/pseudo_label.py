@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from depthuda import checkpointing
 from depthuda import fileio
+from depthuda import gmm_record
 from depthuda import losses
 from depthuda import models
 from depthuda import pseudo
@@ -34,7 +35,6 @@ from depthuda import visualize
 from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
 from depthuda.errors import InputError
-from depthuda.stages import fit_gmm
 
 IGNORE = 255
 
@@ -56,7 +56,7 @@ def region_sizes(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
   w, h = config.data.input_size
   ref_w, ref_h = config.pseudo.reference_input_size
   scale = (w * h) / (ref_w * ref_h)
-  sizes = pseudo.min_region_sizes(fit_gmm.pixel_counts(workdir))
+  sizes = pseudo.min_region_sizes(gmm_record.pixel_counts(workdir))
   return np.maximum(1, np.round(sizes * scale)).astype(np.int64)
 
 

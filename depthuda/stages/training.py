@@ -30,14 +30,14 @@ import numpy as np
 from depthuda import checkpointing
 from depthuda import converted
 from depthuda import fileio
+from depthuda import gmm_record
 from depthuda import losses
 from depthuda import models
 from depthuda import reporting
 from depthuda import train
 from depthuda.errors import InputError
 from depthuda.errors import Interrupted
-from depthuda.stages import evaluation
-from depthuda.stages import fit_gmm
+from depthuda import validation
 
 _SKIP_WARNINGS = 10  # skipped steps reported one by one; results.json counts them all
 
@@ -203,7 +203,7 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
   if stage == 'adapt':
     weights = losses.loss_weights(config.loss)
     needs_gmm = weights['loss_bal_src'] > 0 or weights['loss_bal_tgt'] > 0
-    gmm_params = train.replicate(fit_gmm.load_params(workdir), mesh) if needs_gmm else None
+    gmm_params = train.replicate(gmm_record.load_params(workdir), mesh) if needs_gmm else None
     step_fn = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                       disc_tx=disc_tx, config=config)
     extra = (gmm_params,)
@@ -231,7 +231,7 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
     del t
     record.update(metrics.values())  # every object has the step's losses
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    result = evaluation.evaluate(config, seg, variables, desc=f'{stage} eval @{step}')
+    result = validation.evaluate(config, seg, variables, desc=f'{stage} eval @{step}')
     record.update({'val_miou': result['miou'],
                    **{f'val_iou/{k}': v for k, v in result['per_class_iou'].items()
                       if v is not None}})
@@ -243,7 +243,7 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
     del t, record
     metrics.values()  # nothing logged of a failed step
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    log.images(step, evaluation.image_panels(config, seg, variables, count=2))
+    log.images(step, validation.image_panels(config, seg, variables, count=2))
 
   def save(step, t, state, force=False):
     del t
