@@ -37,6 +37,7 @@ from depthuda.errors import write_failure
 
 _TMP_MARK = '.orbax-checkpoint-tmp'
 MODEL_SELECTIONS = ('best', 'last')
+TRAINING_STAGES_LATEST_FIRST = ('self_train', 'adapt')
 _EXPECTED = ('expected a stage folder such as DIR/adapt, its best/ or checkpoints/ folder, one '
              'step folder in these, or a folder written by depthuda.convert')
 
@@ -76,10 +77,12 @@ def _remove_unfinished(directory: fileio.Path) -> None:
 
 
 class StageCheckpoints:
-  """The checkpoints of one stage (`adapt` or `self_train`) under `directory`.
+  """The checkpoints of one stage (`adapt` or `self_train`) under `directory`; a context
+  manager (leaving it waits for the saves in flight and closes the Orbax managers).
 
-  resume: True for the run that trains the stage; it cleans up after a killed save. Readers
-  (evaluation, prediction) leave it False, so they never touch a save in progress.
+  resume: True for the run that trains the stage: it creates the folders, cleans up after a
+  killed save, and saves. Readers (completeness checks, evaluation, prediction) leave it False:
+  they open the folders read-only, so they create nothing and never touch a save in progress.
   """
 
   def __init__(self, directory: fileio.PathLike, keep: int = 3, async_save: bool = True,
@@ -89,14 +92,20 @@ class StageCheckpoints:
     if resume:
       for sub in ('checkpoints', 'best'):
         _remove_unfinished(directory / sub)
-    self._latest = ocp.CheckpointManager(
-        directory / 'checkpoints',
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
-    self._best = ocp.CheckpointManager(
-        directory / 'best',
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+      latest = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                            enable_async_checkpointing=async_save)
+      best = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    else:
+      latest = best = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    self._latest = ocp.CheckpointManager(directory / 'checkpoints', options=latest)
+    self._best = ocp.CheckpointManager(directory / 'best', options=best)
     self._resumable_best = None  # best_step of the newest finished checkpoint
+
+  def __enter__(self) -> StageCheckpoints:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def _writing(self, what: str, call, *args, **kwargs):
     """Runs an Orbax call; a failed write (full or read-only disk) becomes an InputError."""
@@ -223,6 +232,19 @@ class StageCheckpoints:
       self._best.close()
 
 
+def selected_model(workdir: fileio.PathLike, selection: str, self_train: bool = True
+                   ) -> tuple[str, int] | None:
+  """(stage, step) of the model `selection` picks ('best' or 'last') in the latest training
+  stage that holds one: self_train (unless `self_train` is False: self-training disabled), else
+  adapt; None if none does. Creates nothing."""
+  for stage in TRAINING_STAGES_LATEST_FIRST if self_train else ('adapt',):
+    with StageCheckpoints(fileio.Path(workdir) / stage) as ckpts:
+      step = ckpts.model_step(selection)
+    if step is not None:
+      return stage, step
+  return None
+
+
 def save_variables(directory: fileio.PathLike, variables: Any, meta: dict) -> None:
   """Segmenter variables to `directory/variables` (what `config.init_from` points at), then
   their record `meta` (`converted.metadata`) to `directory/metadata.json`.
@@ -315,11 +337,8 @@ def load_model(path: str, selection: str, abstract_variables: Any, config: Any
       stage_dir = path
     else:
       raise InputError(f'--checkpoint={path}: not a checkpoint ({_EXPECTED})')
-    stages = StageCheckpoints(stage_dir)
-    try:
+    with StageCheckpoints(stage_dir) as stages:
       variables, meta = stages.restore_model(selection, abstract_variables)
-    finally:
-      stages.close()
   except (ValueError, KeyError, TypeError) as e:
     raise InputError(f'--checkpoint={path}: does not match the model of this config '
                      f'({(str(e).strip() or type(e).__name__).splitlines()[0][:200]})') from None

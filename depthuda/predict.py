@@ -59,7 +59,6 @@ from depthuda.data import mapillary
 from depthuda.errors import InputError
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
-STAGES_LATEST_FIRST = ('self_train', 'adapt')  # The `eval` stage's choice of the model.
 DENSITY_RANGE = (0.0, 255.0)  # g(p) = 255 (1 - exp(-s p)) (METHOD §4).
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -90,21 +89,6 @@ def _selection(config) -> str:
   return config.get('model_selection', 'best')
 
 
-def _selected_stage(workdir: str, selection: str) -> fileio.Path | None:
-  """DIR/self_train if it holds the model `selection` picks, else DIR/adapt if it does."""
-  for stage in STAGES_LATEST_FIRST:
-    stage_dir = fileio.Path(workdir) / stage
-    # Only open existing stage folders: opening a manager creates its directories.
-    if not stage_dir.is_dir():
-      continue
-    stages = checkpointing.StageCheckpoints(stage_dir)
-    found = stages.model_step(selection) is not None
-    stages.close()
-    if found:
-      return stage_dir
-  return None
-
-
 def load_model(config, *, workdir: str | None = None, checkpoint: str | None = None
                ) -> tuple[Any, Any, str]:
   """The segmenter, its restored variables and a description of where they came from."""
@@ -118,13 +102,13 @@ def load_model(config, *, workdir: str | None = None, checkpoint: str | None = N
   if not fileio.Path(workdir).is_dir():
     raise InputError(f'no such workdir: {workdir}')
   selection = _selection(config)
-  stage_dir = _selected_stage(workdir, selection)
-  if stage_dir is None:
+  found = checkpointing.selected_model(workdir, selection)
+  if found is None:
     raise InputError(f'no trained model in {workdir}: neither {workdir}/self_train nor '
                      f'{workdir}/adapt holds a checkpoint (run the adapt stage first)')
-  stages = checkpointing.StageCheckpoints(stage_dir)
-  variables, meta = stages.restore_model(selection, abstract)
-  stages.close()
+  stage_dir = fileio.Path(workdir) / found[0]
+  with checkpointing.StageCheckpoints(stage_dir) as stages:
+    variables, meta = stages.restore_model(selection, abstract)
   return seg, variables, f'{stage_dir} {selection} step {meta["step"]}'
 
 

@@ -31,9 +31,8 @@ def _save_run(workdir: pathlib.Path, config, variables, stage: str = 'adapt') ->
   """A workdir as `depthuda.main` leaves it: config.json and a stage's best checkpoint."""
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  stages = checkpointing.StageCheckpoints(str(workdir / stage))
-  stages.save_best(3, variables, {'step': 3, 'miou': 1.0})
-  stages.close()
+  with checkpointing.StageCheckpoints(str(workdir / stage), resume=True) as stages:
+    stages.save_best(3, variables, {'step': 3, 'miou': 1.0})
 
 
 def _constant_heads(variables):

@@ -50,16 +50,9 @@ def _eval_complete(config, workdir):
   if not entry or any(entry.get(k) != v for k, v in validation.settings(config).items()):
     return False
   selection = config.model_selection
-  try:
-    stage = evaluation.model_stage(workdir, selection, config.self_train.enabled)
-  except FileNotFoundError:
-    return False
-  ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / stage)
-  try:
-    return (entry.get('model_stage') == stage and entry.get('model_selection') == selection
-            and entry.get('model_step') == ckpts.model_step(selection))
-  finally:
-    ckpts.close()
+  found = checkpointing.selected_model(workdir, selection, config.self_train.enabled)
+  return (found is not None and entry.get('model_selection') == selection
+          and (entry.get('model_stage'), entry.get('model_step')) == found)
 
 
 _RUN = {'fit_gmm': fit_gmm.run, 'adapt': _adapt, 'pseudo_label': pseudo_label.run,
@@ -71,13 +64,18 @@ _COMPLETE = {'fit_gmm': fit_gmm.is_complete,
              'eval': _eval_complete}
 
 
+def is_complete(stage: str, config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether `stage`'s outputs in `workdir` exist and match `config`; reads, never writes."""
+  return _COMPLETE[stage](config, workdir)
+
+
 def run(stage: str, config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> bool:
   """Runs one stage unless its outputs are complete; returns whether it ran."""
   if stage in SELF_TRAINING and not config.self_train.enabled:
     if reporting.is_writer():
       print(f'{stage}: skipped (self_train.enabled=False)')
     return False
-  if not force and _COMPLETE[stage](config, workdir):
+  if not force and is_complete(stage, config, workdir):
     if reporting.is_writer():
       print(f'{stage}: complete, skipped')
     return False

@@ -18,23 +18,6 @@ from depthuda import visualize
 from depthuda.data import labels as label_lib
 
 
-def model_stage(workdir: str, selection: str, self_train: bool = True) -> str:
-  """The latest training stage holding the model `selection` picks: self_train (unless
-  `self_train` is False: self-training disabled), else adapt."""
-  for stage in ('self_train', 'adapt') if self_train else ('adapt',):
-    stage_dir = fileio.Path(workdir) / stage
-    if not stage_dir.is_dir():  # opening a manager would create the folders
-      continue
-    ckpts = checkpointing.StageCheckpoints(stage_dir)
-    try:
-      if ckpts.model_step(selection) is not None:
-        return stage
-    finally:
-      ckpts.close()
-  raise FileNotFoundError(f'no trained model in {workdir} (run the adapt stage first, or score '
-                          'a given model with --checkpoint=PATH)')
-
-
 def _load(config: ml_collections.ConfigDict, workdir: str, seg, checkpoint: str | None
           ) -> tuple[object, dict, str]:
   """The model to score, its results.json fields and a description."""
@@ -46,12 +29,13 @@ def _load(config: ml_collections.ConfigDict, workdir: str, seg, checkpoint: str 
     if info['selection']:
       fields['model_selection'] = info['selection']
     return variables, fields, info['description']
-  stage = model_stage(workdir, selection, config.self_train.enabled)
-  ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / stage)
-  try:
+  found = checkpointing.selected_model(workdir, selection, config.self_train.enabled)
+  if found is None:
+    raise FileNotFoundError(f'no trained model in {workdir} (run the adapt stage first, or '
+                            'score a given model with --checkpoint=PATH)')
+  stage = found[0]
+  with checkpointing.StageCheckpoints(fileio.Path(workdir) / stage) as ckpts:
     variables, meta = ckpts.restore_model(selection, abstract)
-  finally:
-    ckpts.close()
   fields = {'model_stage': stage, 'model_step': meta['step'], 'model_selection': selection}
   return variables, fields, f'{stage} {selection} step {meta["step"]}'
 

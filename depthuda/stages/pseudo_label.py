@@ -130,11 +130,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seg, _ = models.build(config)
   abstract = models.abstract_variables(config, seg)
   w, h = config.data.input_size
-  ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
-  try:
+  with checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt') as ckpts:
     variables, meta = ckpts.restore_model(config.model_selection, abstract)
-  finally:
-    ckpts.close()
   _start_labelling(out, _provenance(config, meta, sizes))
 
   kept = np.zeros(num_classes, np.int64)
@@ -177,12 +174,8 @@ def is_complete(config: ml_collections.ConfigDict, workdir: str) -> bool:
   provenance = _read_provenance(out)
   if not entry or provenance is None:
     return False
-  adapt = fileio.Path(workdir) / 'adapt'
-  model = None
-  if adapt.is_dir():
-    ckpts = checkpointing.StageCheckpoints(adapt)
+  with checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt') as ckpts:
     model = ckpts.model_meta(config.model_selection)
-    ckpts.close()
   try:
     sizes = region_sizes(config, workdir)
   except FileNotFoundError:  # fit_gmm's output is gone

@@ -90,11 +90,8 @@ def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: st
   `train.init_state` initializes the rest)."""
   abstract = models.abstract_variables(config, seg)
   if stage == 'self_train':
-    ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
-    try:
+    with checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt') as ckpts:
       variables, _ = ckpts.restore_model(config.model_selection, abstract)
-    finally:
-      ckpts.close()
     return variables
   if config.init_from:
     meta = converted.check_init_from(config)
@@ -174,11 +171,10 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
   except ValueError as e:
     raise InputError(str(e)) from None
   seg, disc = models.build(config, axis_name=train.AXIS)
-  ckpts = checkpointing.StageCheckpoints(stage_dir, keep=config.keep_checkpoints, resume=True)
-  try:
+  # Leaving the block waits for the last save.
+  with checkpointing.StageCheckpoints(stage_dir, keep=config.keep_checkpoints,
+                                      resume=True) as ckpts:
     return _train(stage, config, workdir, batches, mesh, seg, disc, ckpts)
-  finally:
-    ckpts.close()  # waits for the last save
 
 
 def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
@@ -289,12 +285,8 @@ def is_complete(stage: str, config: ml_collections.ConfigDict, workdir: str) -> 
   """results.json records the configured steps, and the final and best checkpoints exist."""
   results = reporting.read_results(workdir).get(stage)
   stage_dir = fileio.Path(workdir) / stage
-  if (not results or results.get('steps') != config[stage].num_steps
-      or not stage_dir.is_dir()):
+  if not results or results.get('steps') != config[stage].num_steps:
     return False
-  ckpts = checkpointing.StageCheckpoints(stage_dir)
-  try:
+  with checkpointing.StageCheckpoints(stage_dir) as ckpts:
     return (ckpts.latest_step() == config[stage].num_steps
             and ckpts.best_step() == results.get('best_step'))
-  finally:
-    ckpts.close()
