@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training stage: the latest N for resuming, the best for evaluation.
 
 `<stage>/checkpoints/<step>/` holds the whole `TrainState` (both networks, BN statistics, both
-optimizer states, step, RNG) and a JSON `meta`: the step, which is also the data position (the
+optimizer states, step) and a JSON `meta`: the step, which is also the data position (the
 input order is a deterministic function of seed and step), and the best-model tracking
 (`best_miou`, `best_step`). `<stage>/best/<step>/` holds the segmenter variables of the best
 evaluation. Latest checkpoints are saved asynchronously (`close()` waits); best ones

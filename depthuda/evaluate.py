@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from depthuda.data.labels import IGNORE_LABEL
+
 # 16-class indices of wall, fence and pole; papers also report mIoU without them.
 MIOU13_EXCLUDED = (3, 4, 5)
 
 
 def confusion_matrix(pred: Any, label: Any, num_classes: int,
-                     ignore_label: int = 255) -> np.ndarray:
+                     ignore_label: int = IGNORE_LABEL) -> np.ndarray:
   """Confusion matrix on the host.
 
   Args:
@@ -44,7 +46,7 @@ def confusion_matrix(pred: Any, label: Any, num_classes: int,
 
 
 def confusion_matrix_device(pred: jax.Array, label: jax.Array, num_classes: int,
-                            ignore_label: int = 255) -> jax.Array:
+                            ignore_label: int = IGNORE_LABEL) -> jax.Array:
   """Jit-able confusion matrix, for counting next to the model on device.
 
   Same semantics as `confusion_matrix`. Counts are int32 (JAX's default

@@ -93,8 +93,7 @@ def _moments(devs, mask, resp, means, loglik) -> SufficientStats:
 
 
 # The per-class E-steps take points transposed, [D, N], and unroll the D dimensions: with N on
-# the fast axis the [K, N] temporaries vectorise and stay in cache (several times faster on CPU
-# than an [N, K, D] layout).
+# the fast axis the [K, N] temporaries vectorise and stay in cache.
 def _deviations(offset, scale, centers, points_t, mask):
   """D arrays [K, N]: standardised point minus each center, points zeroed where masked."""
   x = jnp.where(mask, (points_t - offset[:, None]) / scale[:, None], 0.0)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from depthuda.data.labels import IGNORE_LABEL
+
 
 def _interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
   """Linear interpolation weights [out_size, in_size] with align_corners=True.
@@ -69,7 +71,7 @@ def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
 def weighted_cross_entropy(logits: jax.Array,
                            labels: jax.Array,
                            class_weights: jax.Array | None = None,
-                           ignore_label: int = 255,
+                           ignore_label: int = IGNORE_LABEL,
                            axis_name: str | None = None) -> jax.Array:
   """Class-weighted softmax cross-entropy, PyTorch `CrossEntropyLoss` 'mean'.
 

@@ -96,8 +96,6 @@ def main(argv):
     if needs_init and config.pretrain.num_steps:  # the toy's pretrained start, made on first use
       from depthuda import pretrain
       pretrain.ensure(config)
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')  # The input pipeline must not take GPU memory.
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()  # Our bars show the stages; data/preparing.py shows its own.
     from depthuda import checkpointing

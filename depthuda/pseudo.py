@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from depthuda.data.labels import IGNORE_LABEL
+
 # 8-connectivity: diagonal neighbours join a region.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -25,7 +27,7 @@ LARGEST_REGION = 5000
 
 
 def confident_labels(probs: jax.Array, threshold: float = 0.9,
-                     ignore_label: int = 255) -> jax.Array:
+                     ignore_label: int = IGNORE_LABEL) -> jax.Array:
   """Argmax labels where the top probability reaches `threshold`, else ignore.
 
   Jit-able, so the stage can threshold on device and fetch only uint8 maps.
@@ -45,7 +47,7 @@ def confident_labels(probs: jax.Array, threshold: float = 0.9,
 
 
 def spatial_prior(labels: Any, min_region_sizes: Any,
-                  ignore_label: int = 255) -> np.ndarray:
+                  ignore_label: int = IGNORE_LABEL) -> np.ndarray:
   """Drops 8-connected regions of class c smaller than min_region_sizes[c] pixels.
 
   Runs on the host (scipy connected components). Values outside [0, C) (the

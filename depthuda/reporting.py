@@ -213,10 +213,3 @@ def progress(iterable: Iterable | None = None, total: int | None = None, initial
   """The progress of a loop with rate and ETA (silent on processes other than 0)."""
   return Progress(iterable, total=total, initial=initial, desc=desc, unit=unit)
 
-
-class Timer:
-  def __init__(self):
-    self.start = time.perf_counter()
-
-  def elapsed(self) -> float:
-    return time.perf_counter() - self.start

@@ -32,7 +32,7 @@ from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
 from depthuda.errors import InputError
 
-IGNORE = 255
+IGNORE = label_lib.IGNORE_LABEL
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))

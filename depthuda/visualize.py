@@ -20,9 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from depthuda import fileio
-
-# BGR mean subtracted from input images (METHOD §2).
-IMAGE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+from depthuda.data.labels import MEAN_BGR
 
 # Cityscapes colours of the 16 SYNTHIA classes, in class order.
 CITYSCAPES16_PALETTE = np.array([
@@ -136,7 +134,7 @@ def overlay(image_rgb: np.ndarray, label: Any, alpha: float = 0.5,
 
 def denormalize(image_bgr_meansub: Any) -> np.ndarray:
   """Inverts the input normalization: [H, W, 3] BGR minus mean -> uint8 RGB."""
-  bgr = np.asarray(image_bgr_meansub, np.float64) + np.asarray(IMAGE_MEAN_BGR)
+  bgr = np.asarray(image_bgr_meansub, np.float64) + MEAN_BGR.astype(np.float64)
   return np.clip(np.round(bgr), 0, 255).astype(np.uint8)[..., ::-1].copy()
 
 

@@ -23,6 +23,8 @@ from depthuda import stages
 from depthuda import visualize
 from tests import main_runs
 
+STAGES = ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval')
+
 
 @pytest.fixture(params=['local', 'remote'])
 def directory(request, tmp_path, remote_dir):
@@ -155,10 +157,10 @@ def test_stages_write_every_output_to_a_remote_workdir(tmp_path_factory, tmp_pat
   monkeypatch.setattr(checkpointing, 'StageCheckpoints', LocalCheckpoints)
   config = test_config.get_config()
   config.adapt.num_steps = 8  # as main_runs.ARGS
-  ran = [stage for stage in stages.STAGES if stages.run(stage, config, remote_dir)]
+  ran = [stage for stage in STAGES if stages.run(stage, config, remote_dir)]
 
   assert ran == ['pseudo_label', 'eval']
-  assert set(json.loads(_read(f'{remote_dir}/results.json'))) == set(stages.STAGES)
+  assert set(json.loads(_read(f'{remote_dir}/results.json'))) == set(STAGES)
   # config.json is main's (through fileio.write_atomic); importing a CLI here would clash with
   # the flags of the one other tests import.
   elsewhere = re.compile(r'(adapt|self_train)/(checkpoints/|best/|tb/)|config\.json')

@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from depthuda import visualize
+from depthuda.data import labels
 
 
 def test_palettes_known_colours():
@@ -84,7 +85,7 @@ def test_overlay_blends_and_keeps_ignored_pixels():
 
 def test_denormalize_inverts_normalization():
   rgb = np.random.default_rng(1).integers(0, 256, size=(5, 7, 3)).astype(np.uint8)
-  normalized = rgb[..., ::-1].astype(np.float32) - np.array(visualize.IMAGE_MEAN_BGR, np.float32)
+  normalized = rgb[..., ::-1].astype(np.float32) - labels.MEAN_BGR
   np.testing.assert_array_equal(visualize.denormalize(normalized), rgb)
 
 

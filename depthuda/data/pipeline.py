@@ -45,7 +45,7 @@ from depthuda.data import synthia
 from depthuda.data import toy
 from depthuda.errors import InputError
 
-try:  # The accelerators belong to JAX; main.py hides them first when it can.
+try:  # The accelerators belong to JAX: the input pipeline must not take GPU memory.
   tf.config.set_visible_devices([], 'GPU')
 except RuntimeError:  # TensorFlow's devices are initialised already.
   pass

@@ -22,7 +22,6 @@ from depthuda.stages import fit_gmm
 from depthuda.stages import pseudo_label
 from depthuda.stages import training
 
-STAGES = ('fit_gmm', 'adapt', 'pseudo_label', 'self_train', 'eval')
 SELF_TRAINING = ('pseudo_label', 'self_train')  # the stages self_train.enabled=False skips
 
 

@@ -36,7 +36,7 @@ from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
 from depthuda.errors import InputError
 
-IGNORE = 255
+IGNORE = label_lib.IGNORE_LABEL
 
 
 def label_dir(workdir: fileio.PathLike) -> fileio.Path:

@@ -8,7 +8,7 @@ the losses, learning rates, steps/s and ETA), evaluate on eval steps (keeping th
 image panels, one metrics.jsonl object per logged or evaluated step, checkpoint.
 
 Faults: a run killed at any moment continues from its latest complete checkpoint, and since the
-state, the RNG and the data position are all restored, it logs exactly what an uninterrupted run
+state and the data position are both restored, it logs exactly what an uninterrupted run
 logs. SIGTERM or SIGINT saves a checkpoint after the current step and stops (a second signal
 stops at once). The metrics of every step are checked before anything is logged or saved: a
 non-finite loss or gradient stops the run naming the step and the term, so every checkpoint on
@@ -74,7 +74,7 @@ class _StopRequest:
     """Sets `signum` to a signal some process received, or None: the same in every process."""
     if jax.process_count() == 1:
       self.signum = self._received
-    else:  # one tiny collective per step; a ResNet-101 step is thousands of times longer
+    else:  # one tiny collective per step, negligible beside the step itself
       received = multihost_utils.process_allgather(np.int32(self._received or 0))
       self.signum = int(np.max(received)) or None
 
