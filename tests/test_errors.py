@@ -26,6 +26,7 @@ from depthuda import checkpointing
 from depthuda import converted
 from depthuda import models
 from depthuda import train
+from depthuda.data import bad_files
 from depthuda.data import cityscapes
 from depthuda.data import pipeline
 from depthuda.errors import InputError
@@ -315,14 +316,14 @@ def test_usage_errors_of_every_command(command, pattern, tmp_path):
 
 
 def test_tensorflow_error_text_that_messages_are_cut_from():
-  """Pins the TensorFlow message format `pipeline._tf_message` trims: a function-node prefix
+  """Pins the TensorFlow message format `bad_files.tf_message` trims: a function-node prefix
   and an `[Op:...]` suffix around the reason (a TensorFlow upgrade that changes it fails here)."""
   import tensorflow as tf
   with pytest.raises(tf.errors.InvalidArgumentError) as raised:
     tf.io.decode_png(b'not a png')
   text = str(raised.value)
   assert text.startswith('{{function_node ') and text.endswith(' [Op:DecodePng]'), text
-  reason = pipeline._tf_message(raised.value)
+  reason = bad_files.tf_message(raised.value)
   assert reason and reason in text and '{{' not in reason and '[Op:' not in reason, reason
 
 

@@ -26,7 +26,6 @@ import dataclasses
 import fcntl
 import functools
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -37,6 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from depthuda import fileio
+from depthuda.data import bad_files
 from depthuda.data import cityscapes
 from depthuda.data import decoding
 from depthuda.data import labels
@@ -201,80 +201,6 @@ def _file_examples(description: str, examples: list[mapillary.Example], whole: b
   return _Examples(description, len(mine), len(examples), read)
 
 
-def _text(value) -> str:
-  value = value.numpy() if hasattr(value, 'numpy') else value
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _example_file(config: ml_collections.ConfigDict, example: dict, key: str | None,
-                  finish_dir: str | None = None) -> str:
-  """The file that feature `key` of `example` was read from, for error messages (key None:
-  the file that `finish` reads from `finish_dir`, else the example as a whole)."""
-  name = _text(example['name'] if 'name' in example else example['image_id'])
-  if key is None and finish_dir:
-    return os.path.join(finish_dir, name + '.png')
-  if 'depth' in example:  # SYNTHIA
-    folder = synthia.find_folders(config.data.source_dir).get(key, '*')
-    return os.path.join(config.data.source_dir, folder, name + '.png')
-  if 'image_left' in example:  # Cityscapes, read from its zips
-    images_zip, labels_zip = (os.path.join(config.data.target_dir, z) for z in cityscapes.ZIPS)
-    if key == 'segmentation_label':
-      return f'{name}_gtFine_labelIds.png in {labels_zip}'
-    return f'{name}_leftImg8bit.png in {images_zip}'
-  return _text(example[key]) if key else name  # examples that are file paths
-
-
-def _tf_message(error: Exception) -> str:
-  """The first line of a TensorFlow error, without its op and function decorations (the
-  format is pinned by tests/test_errors.py)."""
-  message = str(getattr(error, 'message', error)).strip()
-  if 'Summarized data: ' in message:  # a failed tf.debugging.Assert: its data is the message
-    parts = message.split('Summarized data: ', 1)[1].splitlines()
-    return ' '.join(re.sub(r"^b'(.*)'$", r'\1', part.strip()) for part in parts)
-  message = message.splitlines()[0]
-  message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message)
-  return re.sub(r'\s*\[(Op:|\[).*$', '', message)
-
-
-def _find_bad_file(examples: tf.data.Dataset, decode: Callable,
-                   file_of: Callable[[dict, str | None], str]) -> str | None:
-  """Decodes `examples` one at a time until one fails; names its file and the error."""
-  for example in examples:
-    try:
-      decode(example)
-      continue
-    except (tf.errors.OpError, InputError) as e:
-      error = _tf_message(e)
-    for key, value in example.items():
-      if value.dtype != tf.string or key in ('name', 'image_id'):
-        continue
-      raw = value.numpy()
-      path = raw.decode('utf-8', 'replace') if len(raw) < 4096 else ''
-      try:
-        tf.io.decode_image(tf.io.read_file(path) if os.path.isfile(path) else value,
-                           expand_animations=False)
-      except tf.errors.OpError as e:
-        return f'{file_of(example, key)}: cannot decode the image ({_tf_message(e)})'
-    # A label id check failed (decode_label): the label file is the one to name.
-    key = next((k for k in example if 'label' in k), None) if 'label id' in error else None
-    return f'{file_of(example, key)}: {error}'
-  return None
-
-
-def _named_errors(batches: Iterator[dict], examples: tf.data.Dataset, decode: Callable,
-                  file_of: Callable[[dict, str | None], str]) -> Iterator[dict]:
-  """`batches`, with a decoding failure inside tf.data raised as an InputError naming the file.
-
-  tf.data's error does not say which example failed: after one, the examples are decoded
-  again one at a time until it recurs (only a failing run pays for the search).
-  """
-  try:
-    yield from batches
-  except tf.errors.OpError as e:
-    found = _find_bad_file(examples, decode, file_of)
-    raise InputError(found or f'cannot read the data: {_tf_message(e)}') from None
-
-
 def _epoch_seed(seed: int, stream: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, stream, epoch]).generate_state(1)[0])
 
@@ -317,8 +243,9 @@ def _train_stream(config: ml_collections.ConfigDict, examples: _Examples, decode
       epoch, step = epoch + 1, 0
 
   full = decode if finish is None else lambda ex: finish(decode(ex))
-  return _named_errors(epochs(*divmod(start_step, steps_per_epoch)), examples.read(None), full,
-                       functools.partial(_example_file, config, finish_dir=finish_dir))
+  return bad_files.naming_failures(
+      epochs(*divmod(start_step, steps_per_epoch)), examples.read(None), full,
+      functools.partial(bad_files.example_file, config, finish_dir=finish_dir))
 
 
 def _source_maps(config: ml_collections.ConfigDict, grid_hw: tuple[int, int]) -> Callable:
@@ -399,8 +326,9 @@ def _one_pass(config: ml_collections.ConfigDict, examples: _Examples, decode: Ca
   ds = stored.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def batches():
-    for example in _named_errors(ds.batch(batch).prefetch(2).as_numpy_iterator(), stored, decode,
-                                 functools.partial(_example_file, config)):
+    for example in bad_files.naming_failures(ds.batch(batch).prefetch(2).as_numpy_iterator(),
+                                             stored, decode,
+                                             functools.partial(bad_files.example_file, config)):
       if 'name' in example:
         example['name'] = example['name'][0].decode()
       yield example
