@@ -35,9 +35,9 @@ from depthuda import losses
 from depthuda import models
 from depthuda import reporting
 from depthuda import train
+from depthuda import validation
 from depthuda.errors import InputError
 from depthuda.errors import Interrupted
-from depthuda import validation
 
 _SKIP_WARNINGS = 10  # skipped steps reported one by one; results.json counts them all
 
