@@ -116,12 +116,9 @@ def diagnose(config, workdir: str, cache: str | None = None) -> dict:
   from depthuda.data import pipeline
 
   seg, _ = models.build(config)
-  ckpts = checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt')
-  try:
+  with checkpointing.StageCheckpoints(fileio.Path(workdir) / 'adapt') as ckpts:
     variables, meta = ckpts.restore_model(config.model_selection,
                                           models.abstract_variables(config, seg))
-  finally:
-    ckpts.close()
   params = gmm_record.load_params(workdir)
   scale = config.gmm.density_scale
   predict = train.predict_fn(seg)
