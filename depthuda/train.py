@@ -400,7 +400,12 @@ def prefetch_to_mesh(batches: Iterator[Any], mesh: Mesh, size: int = 2) -> Itera
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """`tree` on every device of `mesh`, from the same values in every process.
+
+  Through the host: an array committed to one local device (a restored checkpoint) cannot be
+  moved onto a mesh that spans other processes' devices.
+  """
+  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -155,6 +155,31 @@ def test_local_multiprocess_launcher_fits_what_one_process_fits(tmp_path_factory
       np.testing.assert_allclose(got['classes'][name][key], record[key], rtol=1e-4, atol=1e-5)
 
 
+def test_eight_gpu_recipe_runs_as_written_on_eight_devices(tmp_path):
+  """README's 8-GPU line, as written, on 8 CPU devices standing in for the GPUs (the test
+  config and its own small datasets, 2 adapt steps): the batch divides over the devices and the
+  settings it gives pass the config check."""
+  (line,) = [c for c in _commands() if c.startswith('GPU=0,1,2,3,4,5,6,7 launch/single_gpu.sh')]
+  tokens = shlex.split(line)
+  data = tmp_path / 'data'
+  env = dict(main_runs.ENV, **dict(t.split('=', 1) for t in tokens[:1]), CONFIG='configs/test.py',
+             WORKDIR=str(tmp_path / 'run'),
+             XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+                       '--xla_backend_optimization_level=0',
+             PATH=os.path.dirname(main_runs.sys.executable) + os.pathsep + os.environ['PATH'])
+  completed = subprocess.run(
+      [*tokens[1:], '--stage=adapt', '--config.adapt.num_steps=2', '--config.log_every_steps=1',
+       '--config.eval_every_steps=1000', '--config.log_images_every_steps=0',
+       '--config.loss.lambda_bal_src=0', '--config.loss.lambda_bal_tgt=0',
+       f'--config.data.source_dir={data}/SYNTHIA-RAND-CITYSCAPES',
+       f'--config.data.target_dir={data}/cityscapes', f'--config.data.tfds_dir={data}/tfds',
+       '--config.data.toy_num_source=8', '--config.data.toy_num_target_train=8'],
+      cwd=main_runs.ROOT, env=env, capture_output=True, text=True, timeout=main_runs.TIMEOUT)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  logged = main_runs.metrics(str(tmp_path / 'run'), 'adapt')
+  assert [m['step'] for m in logged if 'loss' in m] == [1, 2]
+
+
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_config_says_how_to_run_it_and_what_to_expect(name):
   """Each experiment file starts with its command, then expected runtime and result."""
