@@ -221,8 +221,7 @@ def test_two_processes_with_synchronised_batchnorm_train_as_one(tmp_path):
   _succeed(*_main_processes(two, '--config.model.bn_sync=True'))
   _succeed(_one_process(one, '--config.model.bn_sync=True'))
   # The statistics are summed across processes by gloo, in another order than within one
-  # process: losses drift apart by ~3e-5 within 8 steps (per-device statistics, left apart
-  # from the other process's, would differ by ~1e-2 at the first step).
+  # process: losses drift apart by ~3e-5 within 8 steps.
   _assert_same_training(two, one, rtol=1e-4)
 
 
