@@ -1,6 +1,7 @@
 # depthuda: two commands on a fresh machine with Python 3.11 and pip.
 #   make demo   create .venv, install, run the toy pipeline end to end, print results
 #   make test   create .venv, install with the test extra (adds torch), run the test suite
+#   make test-cluster  the whole pipeline on several local processes, against one process
 #   make rehearse  the five experiment configs, tiny network, on synthetic data of real size
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/toy
 
-.PHONY: demo test rehearse install clean
+.PHONY: demo test test-cluster rehearse install clean
 
 # `demo` installs depthuda alone; `test` adds the test extra (pytest and the CPU build of torch,
 # the reference the tests compare with).
@@ -31,7 +32,10 @@ demo: install
 	$(PY) -m depthuda.main --config=configs/toy.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m 'not cluster'
+
+test-cluster: $(VENV)/.installed-test
+	$(PY) -m pytest tests -m cluster
 
 rehearse: install
 	$(PY) tests/rehearse.py

@@ -275,16 +275,23 @@ def main():
   bench = Bench(args)
   bench.pretrain()  # once, shared by every run; reused when current
 
-  def each(fn, tasks):
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-      for future in [pool.submit(fn, *t) for t in tasks]:
-        future.result()
-
-  each(bench.gmm, [(s,) for s in seeds])
+  # Seed after seed, so that a benchmark cut short leaves whole seeds (`--seeds=` of those
+  # summarises them): each seed's GMM, its adapt runs (the method's first: self-training and
+  # the no-prior row start from it), the one-ulp rerun, then its self-training rows.
   adapt_runs = [r for r in RUNS if r not in ('no_prior', 'one_ulp')]  # no_prior: full's adapt
-  each(bench.adapt, [(s, r) for r in sorted(adapt_runs, key=lambda r: r != 'full')
-                     for s in seeds] + [(s, 'one_ulp') for s in seeds[:ULP_SEEDS]])
-  each(bench.self_train, [(s, r) for r in SELF_TRAINED for s in seeds])
+  adapt_runs.sort(key=lambda r: r != 'full')
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    futures = []
+    for s in seeds:
+      gmm = pool.submit(bench.gmm, s)
+      full = pool.submit(lambda s=s, gmm=gmm: (gmm.result(), bench.adapt(s, 'full')))
+      futures.append(full)
+      futures += [pool.submit(lambda s=s, r=r, gmm=gmm: (gmm.result(), bench.adapt(s, r)))
+                  for r in adapt_runs[1:] + ['one_ulp'] * (s in seeds[:ULP_SEEDS])]
+      futures += [pool.submit(lambda s=s, r=r, full=full: (full.result(), bench.self_train(s, r)))
+                  for r in SELF_TRAINED]
+    for future in futures:
+      future.result()
   summary = summarise(bench, seeds)
   table = markdown(summary)
   summary['table'] = table

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,6 +54,7 @@ from depthuda import losses
 from depthuda import models
 from depthuda import reporting
 from depthuda import train
+from depthuda import validation
 from depthuda import visualize
 from depthuda.data import labels
 from depthuda.data import mapillary
@@ -70,7 +72,9 @@ _CHECKPOINT = flags.DEFINE_string(
     'step folder in these, or a converted checkpoint folder; needs --config.')
 _INPUT = flags.DEFINE_string('input', None, 'Image folder, image file or glob pattern.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the PNGs (created if needed).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', 8,
+    'Images per forward pass, split over the devices (rounded up to a whole number per device).')
 flags.mark_flags_as_required(['input', 'output'])
 
 
@@ -219,7 +223,12 @@ def predict_images(config, seg, variables, paths: Sequence[pathlib.Path],
     raise InputError('no images to predict')
   fileio.Path(output_dir).mkdir(parents=True, exist_ok=True)
   forward = train.predict_fn(seg)
-  batch_size = min(batch_size, len(paths))
+  # Each batch is split over this process's devices: a whole number of images per device.
+  mesh = validation.local_mesh()
+  variables = validation.on_mesh(variables, mesh)
+  split = NamedSharding(mesh, P(train.AXIS))
+  per_device = -(-min(batch_size, len(paths)) // mesh.devices.size)
+  batch_size = per_device * mesh.devices.size
   num_classes = config.data.num_classes
   keep_aspect = _keeps_aspect(config)
   bar = reporting.progress(total=len(paths), desc=desc, unit='img')
@@ -237,7 +246,8 @@ def predict_images(config, seg, variables, paths: Sequence[pathlib.Path],
   pending = None
   for chunk, originals, batch in _batches(paths, batch_size, config.data.input_size,
                                           keep_aspect):
-    outputs = forward(variables, batch)  # Dispatched asynchronously: overlaps the writing below.
+    # Dispatched asynchronously: overlaps the writing below.
+    outputs = forward(variables, jax.device_put(batch, split))
     if pending is not None:
       finish(*pending)
     pending = (chunk, originals, outputs)

@@ -121,14 +121,14 @@ def on_mesh(variables, mesh: Mesh):
   return jax.tree.map(put, variables)
 
 
-def _batches(examples, size: int):
+def batches(examples, size: int):
   """Lists of up to `size` consecutive examples."""
   examples = iter(examples)
   while batch := list(itertools.islice(examples, size)):
     yield batch
 
 
-def _stack(arrays, size: int, fill) -> np.ndarray:
+def stack(arrays, size: int, fill) -> np.ndarray:
   """[1, ...] arrays -> [size, ...], padded with `fill`."""
   batch = np.concatenate(arrays)
   pad = np.full((size - len(arrays),) + batch.shape[1:], fill, batch.dtype)
@@ -154,13 +154,13 @@ def evaluate(config: ml_collections.ConfigDict, seg, variables, desc: str = 'eva
   examples = pipeline.target_val(config, config.eval.protocol)
   total = min(config.eval.num_images or len(examples), len(examples))  # 0: all of them
   bar = reporting.progress(total=total, desc=desc, unit='img')
-  for batch in _batches(itertools.islice(examples, total), size):
-    images = jax.device_put(_stack([e['image'] for e in batch], size, 0), split)
+  for batch in batches(itertools.islice(examples, total), size):
+    images = jax.device_put(stack([e['image'] for e in batch], size, 0), split)
     logits = view_logits(seg, variables, images, view_list)
     labels = [e['label'] for e in batch]
     if all(label.shape == labels[0].shape for label in labels):
       # Padding images are labelled ignore: they count nothing.
-      parts = [(logits, jax.device_put(_stack(labels, size, IGNORE), split))]
+      parts = [(logits, jax.device_put(stack(labels, size, IGNORE), split))]
     else:  # Mapillary's native labels: each image at its own size
       parts = [(tuple(view[i:i + 1] for view in logits), label)
                for i, label in enumerate(labels)]

@@ -162,7 +162,7 @@ def test_pseudo_labels_take_the_weights_as_an_argument(model):
   # Constants: the resize matrices (hundreds of entries), not the ~94,000 weights.
   weights = sum(np.size(x) for x in jax.tree.leaves(variables))
   assert sum(np.size(c) for c in traced.jaxpr.consts) < weights / 20
-  a = np.asarray(pseudo_label.confident(seg, variables, image, HW, 0.5))
+  a = np.asarray(pseudo_label.confident(seg, variables, image, HW, 0.5))[0]
   size = pseudo_label.confident._cache_size()
   b = np.asarray(pseudo_label.confident(seg, _varied_variables(seg, seed=1), image, HW, 0.5))
   assert pseudo_label.confident._cache_size() == size and not np.array_equal(a, b)

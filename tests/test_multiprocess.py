@@ -187,6 +187,7 @@ def _assert_same_training(got_dir: str, want_dir: str, rtol: float = 2e-5) -> No
           == pytest.approx(main_runs.results(want_dir)['eval']['miou'], abs=1e-4))
 
 
+@pytest.mark.cluster
 def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
   """SIGTERM to process 1 alone, during adapt: both processes save one checkpoint of the same
   step and exit with 143 (none waits forever in a collective the other never joins); the rerun
@@ -215,6 +216,7 @@ def test_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path)
   _assert_same_training(cut, whole)
 
 
+@pytest.mark.cluster
 def test_two_processes_with_synchronised_batchnorm_train_as_one(tmp_path):
   main_runs.prepare_test_data()
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')

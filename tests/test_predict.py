@@ -18,6 +18,7 @@ from depthuda import converted
 from depthuda import losses
 from depthuda import predict
 from depthuda import models
+from depthuda import train
 from depthuda import visualize
 from tests import main_runs
 from tests.test_mapillary import _varied_variables
@@ -133,6 +134,29 @@ def test_predict_writes_every_map_at_the_input_size(setup, tmp_path):
   expected = np.asarray(losses.upsample_bilinear(logits, original.shape[:2])[0].argmax(-1))
   classes = np.asarray(Image.open(tmp_path / 'odd_classes.png'))
   assert (classes == expected).mean() > 0.999
+
+
+def test_predict_splits_each_batch_over_the_devices(setup, tmp_path, monkeypatch):
+  """--batch_size=2 on 4 devices: batches of 4 images, one per device."""
+  root, config = setup
+  seg, variables, _ = predict.load_model(config, workdir=str(root / 'run'))
+  seen, predict_fn = [], train.predict_fn
+
+  def recording(module):
+    forward = predict_fn(module)
+
+    def call(variables, images):
+      seen.append((images.shape[0], images.sharding))
+      return forward(variables, images)
+    return call
+
+  monkeypatch.setattr(train, 'predict_fn', recording)
+  predict.predict_images(config, seg, variables, predict.find_images(str(root / 'images')),
+                         str(tmp_path), batch_size=2)
+  devices = set(jax.local_devices())
+  assert len(devices) == 4 and seen
+  for size, sharding in seen:
+    assert size == 4 and sharding.device_set == devices and sharding.spec[0] == train.AXIS
 
 
 def test_rendered_pngs_of_a_known_model(setup, tmp_path):

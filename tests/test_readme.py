@@ -155,6 +155,7 @@ def test_local_multiprocess_launcher_fits_what_one_process_fits(tmp_path_factory
       np.testing.assert_allclose(got['classes'][name][key], record[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cluster
 def test_eight_gpu_recipe_runs_as_written_on_eight_devices(tmp_path):
   """README's 8-GPU line, as written, on 8 CPU devices standing in for the GPUs (the test
   config and its own small datasets, 2 adapt steps): the batch divides over the devices and the

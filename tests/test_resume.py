@@ -6,16 +6,21 @@ import re
 import shutil
 import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
 from configs import test as test_config
 from depthuda import checkpointing
 from depthuda import gmm_streaming
+from depthuda import models
 from depthuda import pseudo
 from depthuda import reporting
+from depthuda import train
+from depthuda.data import pipeline
 from depthuda.errors import InputError
 from depthuda.stages import fit_gmm
 from depthuda.stages import pseudo_label
@@ -165,6 +170,40 @@ def test_pseudo_label_continues_where_it_stopped(labelled_workdir, tmp_path, mon
   calls.clear()
   pseudo_label.run(config, workdir)
   assert len(calls) == 6
+
+
+def test_pseudo_labels_are_predicted_one_image_per_device(labelled_workdir, monkeypatch):
+  """pseudo_label splits its batches over this process's 4 devices, and labels each image as
+  one device labelling it alone does."""
+  config, workdir = labelled_workdir
+  seen, confident = [], pseudo_label.confident
+
+  def recorded(seg, variables, images, *args):
+    seen.append(images.sharding)
+    return confident(seg, variables, images, *args)
+
+  monkeypatch.setattr(pseudo_label, 'confident', recorded)
+  pseudo_label.run(config, workdir)
+  devices = set(jax.local_devices())
+  assert len(devices) == 4 and seen
+  for sharding in seen:
+    assert sharding.device_set == devices and sharding.spec[0] == train.AXIS
+
+  seg, _ = models.build(config)
+  with checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt')) as ckpts:
+    variables, _ = ckpts.restore_model(config.model_selection,
+                                       models.abstract_variables(config, seg))
+  variables = jax.device_put(variables, jax.local_devices()[0])
+  sizes = pseudo_label.region_sizes(config, workdir)
+  w, h = config.data.input_size
+  examples = list(pipeline.target_images(config, 'selftrain'))
+  assert len(examples) % 4  # a padded last batch
+  for example in examples:
+    alone = np.asarray(confident(seg, variables, example['image'], (h, w),
+                                 float(config.pseudo.threshold)))[0]
+    with Image.open(os.path.join(pseudo_label.label_dir(workdir),
+                                 example['name'] + '.png')) as png:
+      np.testing.assert_array_equal(np.asarray(png), pseudo_label.refine(alone, sizes, config))
 
 
 def test_fit_gmm_resumes_without_scanning_again(tmp_path, remote_dir, monkeypatch):

@@ -1,8 +1,8 @@
 """The `pseudo_label` stage: confident, spatially plausible labels for the target set (METHOD §6).
 
 The adapted model (`config.model_selection`: adapt's best, as the original, or its last) predicts
-each target training image in eval mode; logits are upsampled to
-the input size; pixels with confidence below the threshold and regions of class c smaller than
+each target training image in eval mode, one image per device of the process; logits are
+upsampled to the input size; pixels with confidence below the threshold and regions of class c smaller than
 N_c pixels (8-connected) become ignore (the spatial prior; `config.pseudo.spatial_prior` turns it
 off). Labels are written as PNGs, one per image, atomically
 (a killed run leaves at most a temporary file, never a half-written PNG). A cut-off run resumes:
@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from depthuda import checkpointing
 from depthuda import fileio
@@ -31,6 +32,8 @@ from depthuda import losses
 from depthuda import models
 from depthuda import pseudo
 from depthuda import reporting
+from depthuda import train
+from depthuda import validation
 from depthuda import visualize
 from depthuda.data import labels as label_lib
 from depthuda.data import pipeline
@@ -102,12 +105,13 @@ def _start_labelling(out: fileio.Path, provenance: dict) -> None:
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def confident(seg, variables, images, size: tuple[int, int], threshold: float) -> jax.Array:
-  """[1,H,W,3] -> [H,W] uint8 at `size` (H, W): the arg-max where the softmax confidence passes
-  the threshold, else ignore. The weights are an argument: one compiled program per model
-  shape, not per set of weights (nor weights baked into it as constants)."""
+  """[n,h,w,3] -> [n,H,W] uint8 at `size` (H, W): the arg-max where the softmax confidence
+  passes the threshold, else ignore. The weights are an argument: one compiled program per
+  model shape, not per set of weights (nor weights baked into it as constants). Images split
+  over devices are labelled where they lie."""
   logits, _, _ = seg.apply(variables, images, train=False)
   probs = jax.nn.softmax(losses.upsample_bilinear(logits.astype(jnp.float32), size), -1)
-  return pseudo.confident_labels(probs[0], threshold, ignore_label=IGNORE)
+  return pseudo.confident_labels(probs, threshold, ignore_label=IGNORE)
 
 
 def _read_label(path: fileio.Path, size_hw: tuple[int, int], num_classes: int
@@ -134,19 +138,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variables, meta = ckpts.restore_model(config.model_selection, abstract)
   _start_labelling(out, _provenance(config, meta, sizes))
 
+  # One image per device of this process, as evaluation does.
+  mesh = validation.local_mesh()
+  variables = validation.on_mesh(variables, mesh)
+  split = NamedSharding(mesh, P(train.AXIS))
+  size = mesh.devices.size
   kept = np.zeros(num_classes, np.int64)
   count = 0
-  for example in reporting.progress(pipeline.target_images(config, 'selftrain'), desc='pseudo_label',
-                                    unit='img'):
-    path = out / f"{example['name']}.png"
-    labels = _read_label(path, (h, w), num_classes)  # Resume: reuse what an earlier run wrote.
-    if labels is None:
-      labels = np.asarray(confident(seg, variables, example['image'], (h, w),
-                                    float(config.pseudo.threshold)))
-      labels = refine(labels, sizes, config)
-      visualize.save_png(path, labels.astype(np.uint8))
-    kept += np.bincount(labels[labels != IGNORE].ravel(), minlength=num_classes)[:num_classes]
-    count += 1
+  examples = reporting.progress(pipeline.target_images(config, 'selftrain'), desc='pseudo_label',
+                                unit='img')
+  for batch in validation.batches(examples, size):
+    paths = [out / f"{example['name']}.png" for example in batch]
+    # Resume: reuse what an earlier run wrote.
+    found = [_read_label(path, (h, w), num_classes) for path in paths]
+    missing = [i for i, labels in enumerate(found) if labels is None]
+    if missing:
+      images = validation.stack([batch[i]['image'] for i in missing], size, 0)
+      predicted = np.asarray(confident(seg, variables, jax.device_put(images, split), (h, w),
+                                       float(config.pseudo.threshold)))
+      for i, labels in zip(missing, predicted):
+        found[i] = refine(labels, sizes, config)
+        visualize.save_png(paths[i], found[i].astype(np.uint8))
+    for labels in found:
+      kept += np.bincount(labels[labels != IGNORE].ravel(), minlength=num_classes)[:num_classes]
+    count += len(batch)
   if jax.process_count() > 1:
     kept = np.asarray(multihost_utils.process_allgather(kept)).sum(0)
     count = int(np.asarray(multihost_utils.process_allgather(np.int64(count))).sum())
