@@ -6,10 +6,11 @@ Procedural street scenes are generated on first use into data/toy/ in the real d
 layouts (SYNTHIA-RAND-CITYSCAPES for the source, Cityscapes zips for the target) and read by the
 same loaders as the real data. 7 classes, a small ResNet (layers 1-1-1-1, width 16), 160x96
 input, from a trunk depthuda pretrains on separately generated scenes (made on first use and
-kept in data/toy/pretrained; depthuda/pretrain.py). Expected: about 4 minutes on 2 idle CPU
-cores, about 4 more the first time (data generation, 1,000 pretraining steps); estimates from
-the earlier 1,000 + 400-step schedule's measured 5-6 minutes. README.md, "Results", has the
-benchmark (benchmarks/toy_ablation.py).
+kept in data/toy/pretrained; depthuda/pretrain.py). Expected: about 13 minutes on 2 CPU
+cores, about 4 more the first time (data generation, 1,000 pretraining steps); `make demo` from
+a fresh clone measured 18 min 10 s including the venv (2026-12-07), final mIoU 29.5 (self_train's
+best on 40 validation images). README.md, "Results", has the benchmark
+(benchmarks/toy_ablation.py).
 """
 
 from configs import common
