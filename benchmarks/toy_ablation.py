@@ -247,7 +247,9 @@ def chart(summary: dict, path: str) -> None:
                                     ('minus source-only', 'paired difference to source-only'))):
     ax = fig.add_subplot(1, 2, i + 1)
     means = [summary['rows'][r][key][0] for r in rows]
-    halves = [summary['rows'][r][key][1] for r in rows]
+    # One seed has no interval: its bars are drawn without one.
+    halves = [0.0 if np.isnan(summary['rows'][r][key][1]) else summary['rows'][r][key][1]
+              for r in rows]
     ax.barh(y, means, xerr=halves, color='tab:blue', alpha=0.7, capsize=3)
     ax.set_yticks(y, rows if i == 0 else [''] * len(rows), fontsize=8)
     ax.set_title(title + ' (95% t-interval)', fontsize=9)
