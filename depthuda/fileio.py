@@ -14,6 +14,8 @@ object next to the complete target.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import uuid
@@ -60,3 +62,16 @@ def write_npz(path: PathLike, **arrays: np.ndarray) -> None:
 def is_temporary(name: str) -> bool:
   """Whether a file name is one of `write_atomic`'s temporary files."""
   return name.startswith('.') and name.endswith('.tmp')
+
+
+@contextlib.contextmanager
+def local_lock(path: str):
+  """Holds an exclusive lock on the local file `path` (created with its folder), serialising the
+  block among this host's processes."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -224,11 +223,9 @@ def predict_images(config, seg, variables, paths: Sequence[pathlib.Path],
   fileio.Path(output_dir).mkdir(parents=True, exist_ok=True)
   forward = train.predict_fn(seg)
   # Each batch is split over this process's devices: a whole number of images per device.
-  mesh = validation.local_mesh()
-  variables = validation.on_mesh(variables, mesh)
-  split = NamedSharding(mesh, P(train.AXIS))
-  per_device = -(-min(batch_size, len(paths)) // mesh.devices.size)
-  batch_size = per_device * mesh.devices.size
+  variables, split = validation.local_split(variables)
+  per_device = -(-min(batch_size, len(paths)) // split.num_devices)
+  batch_size = per_device * split.num_devices
   num_classes = config.data.num_classes
   keep_aspect = _keeps_aspect(config)
   bar = reporting.progress(total=len(paths), desc=desc, unit='img')

@@ -21,8 +21,6 @@ weights. Concurrent runs wait for one another (a file lock).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -33,6 +31,7 @@ import numpy as np
 
 from depthuda import checkpointing
 from depthuda import converted
+from depthuda import fileio
 from depthuda import models
 from depthuda import reporting
 from depthuda import train
@@ -107,22 +106,11 @@ def pretrain(config: ml_collections.ConfigDict, scenes: str) -> dict:
   return models.trunk(jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(os.path.abspath(path) + '.lock', 'w') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure(config: ml_collections.ConfigDict) -> bool:
   """Makes `config.init_from` the pretrained trunk of `config.pretrain` unless it is already
   (`is_current`); returns whether it trained. The scenes are deleted afterwards."""
   target = os.path.abspath(config.init_from)
-  with _lock(target):
+  with fileio.local_lock(target + '.lock'):
     if is_current(config):
       return False
     build = target + '.build'

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,13 @@ def on_mesh(variables, mesh: Mesh):
     return jax.device_put(x, sharding)
 
   return jax.tree.map(put, variables)
+
+
+def local_split(variables) -> tuple[Any, NamedSharding]:
+  """(`variables` on this process's devices, the sharding that splits a batch over them: one
+  image per device of a batch of `sharding.num_devices`)."""
+  mesh = local_mesh()
+  return on_mesh(variables, mesh), NamedSharding(mesh, P(train.AXIS))
 
 
 def batches(examples, size: int):

@@ -21,9 +21,7 @@ disjoint shards instead (`tfds.even_splits`, or equal parts of a file list).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import os
 import shutil
@@ -58,16 +56,9 @@ _CITYSCAPES_SPLITS = {'train': 'train', 'selftrain': 'train', 'validation': 'val
                       'test': 'test'}
 
 
-@contextlib.contextmanager
 def _lock(tfds_dir: str):
   """Serialises toy generation and TFDS preparation among this host's processes."""
-  os.makedirs(tfds_dir, exist_ok=True)
-  with open(os.path.join(tfds_dir, '.depthuda.lock'), 'w') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  return fileio.local_lock(os.path.join(tfds_dir, '.depthuda.lock'))
 
 
 def _check_local_roots(data: ml_collections.ConfigDict) -> None:

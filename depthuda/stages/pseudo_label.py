@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from depthuda import checkpointing
 from depthuda import fileio
@@ -32,7 +31,6 @@ from depthuda import losses
 from depthuda import models
 from depthuda import pseudo
 from depthuda import reporting
-from depthuda import train
 from depthuda import validation
 from depthuda import visualize
 from depthuda.data import labels as label_lib
@@ -139,10 +137,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _start_labelling(out, _provenance(config, meta, sizes))
 
   # One image per device of this process, as evaluation does.
-  mesh = validation.local_mesh()
-  variables = validation.on_mesh(variables, mesh)
-  split = NamedSharding(mesh, P(train.AXIS))
-  size = mesh.devices.size
+  variables, split = validation.local_split(variables)
+  size = split.num_devices
   kept = np.zeros(num_classes, np.int64)
   count = 0
   examples = reporting.progress(pipeline.target_images(config, 'selftrain'), desc='pseudo_label',
