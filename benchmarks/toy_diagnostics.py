@@ -126,7 +126,7 @@ def diagnose(config, workdir: str, cache: str | None = None) -> dict:
   @jax.jit
   def targets(seg_logits, depth_pred, classes, inv_depth):
     true = density.density_to_target(
-        jnp.exp(gmm.log_density(params, gmm.grid_points(inv_depth), classes)), scale)
+        jnp.exp(gmm.log_density(params, density.grid_points(inv_depth), classes)), scale)
     return true, density.target_density_target(params, seg_logits, depth_pred, scale)
 
   pred_depth, true_depth, pred_dens, true_dens, own_dens = [], [], [], [], []

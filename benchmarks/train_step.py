@@ -6,7 +6,7 @@ r"""One adaptation iteration: depthuda's jitted `adapt_step` against the origina
 
 An iteration is METHOD §5 for batch 1 source + 1 target: both forward passes, the five segmenter
 losses, the segmenter update and the discriminator update. depthuda runs the production path,
-`train.make_sharded_step` on a one-device mesh; the baseline is `torch_reference.py`, PyTorch
+`sharding.make_sharded_step` on a one-device mesh; the baseline is `torch_reference.py`, PyTorch
 eager as the original trains. Each framework lives in its own worker process (so the peak memory
 is its own), set up once; the parent then alternates single iterations between the two, so
 both see the same machine load, and reports medians.
@@ -86,7 +86,7 @@ class JaxSession:
     import jax.numpy as jnp
     import numpy as np
     from configs import common
-    from depthuda import gmm, models, train
+    from depthuda import gmm, models, sharding, train
     self.jax = jax
     config = common.get_base_config()
     config.data.input_size = (args.width, args.height)
@@ -96,10 +96,10 @@ class JaxSession:
     if args.source_only:
       config.loss.lambda_adv = config.loss.lambda_bal_tgt = 0.0
     self.device = jax.local_devices()[0]
-    mesh = train.make_mesh([self.device])
-    seg, disc = models.build(config, axis_name=train.AXIS)
+    mesh = sharding.make_mesh([self.device])
+    seg, disc = models.build(config, axis_name=sharding.AXIS)
     state, seg_tx, disc_tx = train.init_state(config, seg, disc)
-    self.state = train.replicate(state, mesh)
+    self.state = sharding.replicate(state, mesh)
     rng = np.random.default_rng(0)
     c, h, w = config.data.num_classes, args.height, args.width
     label = rng.integers(0, c, (1, h, w)).astype(np.int32)
@@ -107,18 +107,18 @@ class JaxSession:
     depth = rng.uniform(1, 60, (1, h, w)).astype(np.float32)
     rows, cols = (np.floor((np.arange(m) + 0.5) * n / m).astype(int)  # the PIL rule
                   for n, m in zip((h, w), models.feature_grid(config)))
-    self.batch = train.shard_batch({
+    self.batch = sharding.shard_batch({
         'source': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32), 'label': label,
                    'depth': depth, 'label_grid': label[:, rows][:, :, cols],
                    'depth_grid': depth[:, rows][:, :, cols]},
         'target': {'image': rng.normal(0, 50, (1, h, w, 3)).astype(np.float32)}}, mesh)
     k = config.gmm.num_components
-    self.gmm_params = train.replicate(gmm.GMMParams(
+    self.gmm_params = sharding.replicate(gmm.GMMParams(
         weights=jnp.full((c, k), 1.0 / k),
         means=jnp.asarray(rng.uniform([0, 0, 1], [w / 8, h / 8, 60], (c, k, 3)), jnp.float32),
         variances=jnp.asarray(rng.uniform([20, 10, 5], [800, 300, 400], (c, k, 3)), jnp.float32)),
         mesh)
-    step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+    step = sharding.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                    disc_tx=disc_tx, config=config)
     start = time.perf_counter()  # Tracing, lowering and XLA's compilation.
     lowered = step.lower(self.state, self.batch, self.gmm_params)

@@ -4,7 +4,8 @@ The density head learns g(density_c(x, y, z)) with g(p) = 255 (1 - exp(-scale p)
 c is the class the segmenter currently predicts at a cell, (x, y) = (column, row) of the cell on
 the feature grid (0-based) and z an inverse depth, and density_c the class's GMM (`gmm.py`). The
 original precomputed one density map per class for every source image with a per-pixel loop;
-here a whole batch is a handful of vectorised ops.
+here a whole batch is a handful of vectorised ops. The GMMs' points are the grid cells as
+`grid_points` lays them out.
 """
 
 from __future__ import annotations
@@ -16,6 +17,23 @@ import jax.numpy as jnp
 from depthuda import gmm
 
 
+def grid_points(depth_grid: jax.Array) -> jax.Array:
+  """(x, y, z) of every grid cell: depth_grid [..., h, w] -> [..., h, w, 3]; x = column, y = row."""
+  z = depth_grid.astype(jnp.float32)
+  cols = jnp.broadcast_to(jnp.arange(z.shape[-1], dtype=jnp.float32), z.shape)
+  rows = jnp.broadcast_to(jnp.arange(z.shape[-2], dtype=jnp.float32)[:, None], z.shape)
+  return jnp.stack([cols, rows, z], axis=-1)
+
+
+def class_points(label_grid: jax.Array, depth_grid: jax.Array,
+                 num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Grid cells as fit input: label_grid, depth_grid [B, h, w] -> points [B*h*w, 3] (shared by
+  all classes), mask [C, B*h*w] (cell of class c; 255 and other labels are in no class)."""
+  points = grid_points(depth_grid).reshape(-1, 3)
+  mask = label_grid.reshape(1, -1) == jnp.arange(num_classes)[:, None]
+  return points, mask
+
+
 def density_to_target(p: jax.Array, scale: float = 1e6) -> jax.Array:
   """g(p) = 255 (1 - exp(-scale p)); expm1 keeps small densities exact in float32."""
   return -255.0 * jnp.expm1(-scale * p)
@@ -24,7 +42,7 @@ def density_to_target(p: jax.Array, scale: float = 1e6) -> jax.Array:
 def _class_density_target(params: gmm.GMMParams, class_ids: jax.Array, z: jax.Array,
                           scale: float) -> jax.Array:
   """g(density_c(x, y, z)) at every cell: class_ids, z [B, h, w] -> [B, h, w]."""
-  log_p = gmm.log_density(params, gmm.grid_points(z), class_ids)
+  log_p = gmm.log_density(params, grid_points(z), class_ids)
   return density_to_target(jnp.exp(log_p), scale)
 
 

@@ -169,23 +169,6 @@ def mean_log_likelihood(params: GMMParams, points: jax.Array, mask: jax.Array) -
   return stats.loglik / stats.counts
 
 
-def grid_points(depth_grid: jax.Array) -> jax.Array:
-  """(x, y, z) of every grid cell: depth_grid [..., h, w] -> [..., h, w, 3]; x = column, y = row."""
-  z = depth_grid.astype(jnp.float32)
-  cols = jnp.broadcast_to(jnp.arange(z.shape[-1], dtype=jnp.float32), z.shape)
-  rows = jnp.broadcast_to(jnp.arange(z.shape[-2], dtype=jnp.float32)[:, None], z.shape)
-  return jnp.stack([cols, rows, z], axis=-1)
-
-
-def class_points(label_grid: jax.Array, depth_grid: jax.Array,
-                 num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Grid cells as fit input: label_grid, depth_grid [B, h, w] -> points [B*h*w, 3] (shared by
-  all classes), mask [C, B*h*w] (cell of class c; 255 and other labels are in no class)."""
-  points = grid_points(depth_grid).reshape(-1, 3)
-  mask = label_grid.reshape(1, -1) == jnp.arange(num_classes)[:, None]
-  return points, mask
-
-
 def _fit_frame(points: jax.Array, mask: jax.Array) -> _Frame:
   """Per-class mean and std of the masked points [C, N, D] (std 1 where it is 0)."""
   m = mask[..., None]

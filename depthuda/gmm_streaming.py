@@ -99,7 +99,7 @@ def fit_streaming(chunks: Callable[[], Iterable[tuple[jax.Array, jax.Array]]],
 
   Args:
     chunks: called once per EM iteration; yields (points, mask) with points [C, n, D] or [n, D]
-      (one set shared by all classes, e.g. from `class_points`) and mask [C, n] bool. n may vary
+      (one set shared by all classes, e.g. from `density.class_points`) and mask [C, n] bool. n may vary
       between chunks: each is cut into zero-padded pieces of `chunk_size` points.
     init_points, init_mask: [C, M, D], [C, M] in-memory sample (e.g. a uniform subsample of
       every class) for the standardisation frame and the k-means++ / Lloyd initialisation.

@@ -34,6 +34,7 @@ from depthuda import converted
 from depthuda import fileio
 from depthuda import models
 from depthuda import reporting
+from depthuda import sharding
 from depthuda import train
 from depthuda.data import pipeline
 from depthuda.data import toy
@@ -90,16 +91,16 @@ def pretrain(config: ml_collections.ConfigDict, scenes: str) -> dict:
   c = pretraining_config(config, scenes)
   toy.generate_source(c.data.source_dir, seed=c.pretrain.seed,
                       num_source=c.pretrain.num_images, source_size=c.data.toy_source_size)
-  mesh = train.make_mesh(jax.local_devices()[:1])  # one device: the same weights anywhere
-  seg, disc = models.build(c, axis_name=train.AXIS)
+  mesh = sharding.make_mesh(jax.local_devices()[:1])  # one device: the same weights anywhere
+  seg, disc = models.build(c, axis_name=sharding.AXIS)
   state, seg_tx, _ = train.init_state(c, seg, disc)
-  state = train.replicate(state, mesh)
-  step = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx, config=c)
+  state = sharding.replicate(state, mesh)
+  step = sharding.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx, config=c)
   batches = pipeline.source_train(c, models.feature_grid(c))
   metrics = None
   for _ in reporting.progress(range(c.pretrain.num_steps), desc='pretrain', unit='step'):
     batch = next(batches)
-    state, metrics = step(state, train.shard_batch(
+    state, metrics = step(state, sharding.shard_batch(
         {'image': batch['image'], 'label': batch['label']}, mesh))
   if metrics is not None and not np.isfinite(float(metrics['loss'])):
     raise FloatingPointError('pretraining diverged (non-finite loss)')

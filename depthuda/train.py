@@ -5,7 +5,7 @@ loss terms, and updates the segmenter and the discriminator from the same pre-st
 `self_train_step` is the pseudo-label cross-entropy step. The loss terms are the module-level
 `source_loss`, `target_loss`, `discriminator_loss` and `self_train_loss`. Both steps are written
 per device and mapped over the `data` axis of a mesh with `jax.shard_map` inside `jax.jit`
-(`make_sharded_step`): every loss is reduced over the global batch (sums and maxima over the
+(`sharding.make_sharded_step`): every loss is reduced over the global batch (sums and maxima over the
 axis), so each device holds the global loss. Gradients are taken with respect to a
 device-varying view of the parameters (`_per_device`), which gives each device's share, and
 summed over the axis with one explicit `psum` (`_sum_over_devices`): the global gradient, in
@@ -15,26 +15,22 @@ N devices give the single-device result.
 
 from __future__ import annotations
 
-import collections
 import functools
-import itertools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from depthuda import density
 from depthuda import gmm as gmm_lib
 from depthuda import losses
 from depthuda import models
+from depthuda.sharding import AXIS
 
-AXIS = 'data'
 LOSS_NAMES = ('loss_seg', 'loss_depth', 'loss_bal_src', 'loss_bal_tgt', 'loss_adv')
 
 
@@ -343,69 +339,6 @@ def self_train_step(state: TrainState, batch: dict, *, seg: nn.Module, seg_tx,
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   return new_state, metrics
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D `data` mesh over every device of every process."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices, (AXIS,))
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  n = mesh.devices.size
-  if batch_size % n or batch_size % jax.process_count():
-    raise ValueError(f'config.batch_size={batch_size} must be divisible by the number of devices '
-                     f'({n}) and processes ({jax.process_count()}).')
-
-
-def make_sharded_step(step_fn: Callable, mesh: Mesh, **kwargs):
-  """jit(shard_map(step_fn)): state (and other leading args) replicated, batch split on `data`.
-
-  The returned function takes (state, batch, *extra) and donates the state.
-  """
-  per_device = functools.partial(step_fn, axis_name=AXIS, **kwargs)
-
-  def mapped(state, batch, *extra):
-    return jax.shard_map(
-        lambda s, b, *e: per_device(s, b, *e), mesh=mesh,
-        in_specs=(P(), P(AXIS)) + (P(),) * len(extra), out_specs=(P(), P()))(state, batch, *extra)
-
-  return jax.jit(mapped, donate_argnums=(0,))
-
-
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-  """Process-local numpy batch -> global arrays split over the `data` axis."""
-  sharding = NamedSharding(mesh, P(AXIS))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-def prefetch_to_mesh(batches: Iterator[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
-  """`shard_batch` of each process-local batch, `size` batches ahead of the consumer.
-
-  A batch is put on the devices (asynchronously) before the step that reads it starts, so that
-  the host-to-device copy of step i+1 overlaps step i's computation: double buffering with the
-  default size of 2.
-  """
-  queue = collections.deque()
-  batches = iter(batches)
-
-  def enqueue(n):
-    for batch in itertools.islice(batches, n):
-      queue.append(shard_batch(batch, mesh))
-
-  enqueue(size)
-  while queue:
-    yield queue.popleft()
-    enqueue(1)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """`tree` on every device of `mesh`, from the same values in every process.
-
-  Through the host: an array committed to one local device (a restored checkpoint) cannot be
-  moved onto a mesh that spans other processes' devices.
-  """
-  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from depthuda import evaluate as metrics_lib
 from depthuda import losses
 from depthuda import reporting
+from depthuda import sharding
 from depthuda import train
 from depthuda import visualize
 from depthuda.data import labels as label_lib
@@ -101,7 +102,7 @@ def _confusion_of_views(logits, flips, label, num_classes):
 
 def local_mesh() -> Mesh:
   """The `data` mesh of this process's devices: each process evaluates its own images."""
-  return train.make_mesh(jax.local_devices())
+  return sharding.make_mesh(jax.local_devices())
 
 
 def on_mesh(variables, mesh: Mesh):
@@ -126,7 +127,7 @@ def local_split(variables) -> tuple[Any, NamedSharding]:
   """(`variables` on this process's devices, the sharding that splits a batch over them: one
   image per device of a batch of `sharding.num_devices`)."""
   mesh = local_mesh()
-  return on_mesh(variables, mesh), NamedSharding(mesh, P(train.AXIS))
+  return on_mesh(variables, mesh), NamedSharding(mesh, P(sharding.AXIS))
 
 
 def batches(examples, size: int):
@@ -153,7 +154,7 @@ def evaluate(config: ml_collections.ConfigDict, seg, variables, desc: str = 'eva
   """
   mesh = local_mesh() if mesh is None else mesh
   variables = on_mesh(variables, mesh)
-  split = NamedSharding(mesh, P(train.AXIS))
+  split = NamedSharding(mesh, P(sharding.AXIS))
   size = mesh.devices.size
   view_list = views(config)
   flips = tuple(flip for _, flip in view_list)

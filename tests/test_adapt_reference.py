@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from depthuda import models
+from depthuda import sharding
 from depthuda import train
 from test_convert import TorchDeepLab
 from test_train import C, _batches, _config, _gmm_params
@@ -165,7 +166,7 @@ def test_adapt_steps_match_an_independent_pytorch_iteration():
   torch.manual_seed(0)
   model = TorchDeepLab(config.model.layers, config.model.width, C)
   state_dict = lambda: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc,
                                             models.from_torch_state_dict(state_dict(), C))
   torch_disc = TorchDiscriminator((C,) + tuple(config.model.disc_ndf * 2**i for i in range(4))
@@ -176,13 +177,13 @@ def test_adapt_steps_match_an_independent_pytorch_iteration():
     conv.bias.data = torch.from_numpy(np.asarray(p['bias']).copy())
   start = jax.device_get(state)
 
-  mesh = train.make_mesh(jax.devices()[:1])
-  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  step = sharding.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                  disc_tx=disc_tx, config=config)
-  state = train.replicate(state, mesh)
+  state = sharding.replicate(state, mesh)
   reference = TorchIteration(config, model, torch_disc, gmm)
   for batch in _batches(STEPS, 2, config):
-    state, metrics = step(state, train.shard_batch(batch, mesh), train.replicate(gmm, mesh))
+    state, metrics = step(state, sharding.shard_batch(batch, mesh), sharding.replicate(gmm, mesh))
     want = reference(batch)
     for name, value in want.items():
       np.testing.assert_allclose(metrics[name], value, rtol=2e-5, err_msg=name)

@@ -16,6 +16,7 @@ import pytest
 from configs import test as test_config
 from depthuda import models
 from depthuda import predict
+from depthuda import sharding
 from depthuda import train
 from depthuda.errors import InputError
 from depthuda.stages import training
@@ -277,7 +278,7 @@ def test_convert_cli(conversions, state_dict, tmp_path):
 
 def _initial_variables(config):
   """What the adapt stage starts from, and what a run without `init_from` starts from."""
-  seg, _ = models.build(config, axis_name=train.AXIS)
+  seg, _ = models.build(config, axis_name=sharding.AXIS)
   loaded = training.initial_variables(config, '', 'adapt', seg)
   return train.init_segmenter(config, seg, loaded), seg
 

@@ -25,6 +25,7 @@ from configs import test as test_config
 from depthuda import checkpointing
 from depthuda import converted
 from depthuda import models
+from depthuda import sharding
 from depthuda import train
 from depthuda.data import bad_files
 from depthuda.data import cityscapes
@@ -155,13 +156,13 @@ def _adapt_config():
 
 def test_missing_or_mismatched_pretrained_checkpoint(tmp_path):
   config = _adapt_config()
-  seg, _ = models.build(config, axis_name=train.AXIS)
+  seg, _ = models.build(config, axis_name=sharding.AXIS)
   config.init_from = str(tmp_path / 'nothing')
   with pytest.raises(InputError, match=r'config.init_from=.*nothing: no converted checkpoint at'):
     training.initial_variables(config, str(tmp_path), 'adapt', seg)
   wider = config.copy_and_resolve_references()
   wider.model.width = 8
-  wide_seg, _ = models.build(wider, axis_name=train.AXIS)
+  wide_seg, _ = models.build(wider, axis_name=sharding.AXIS)
   variables = jax.jit(lambda: wide_seg.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 48, 3)),
                                             train=False))()
   layers = config.model.layers
@@ -189,12 +190,12 @@ def test_unknown_nonfinite_setting(tmp_path):
 def test_skipped_nonfinite_step_changes_only_the_step_count():
   config = _adapt_config()
   config.nonfinite = 'skip'
-  mesh = train.make_mesh(jax.devices()[:1])
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   state, seg_tx, _ = train.init_state(config, seg, disc)
-  state = train.replicate(state, mesh)
+  state = sharding.replicate(state, mesh)
   before = jax.device_get(state)
-  step = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
+  step = sharding.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
                                  config=config)
   w, h = config.data.input_size
   rng = np.random.default_rng(0)
@@ -202,11 +203,11 @@ def test_skipped_nonfinite_step_changes_only_the_step_count():
   label = rng.integers(0, 7, (1, h, w)).astype(np.int32)
   broken = image.copy()
   broken[0, 0] = np.nan
-  state, metrics = step(state, train.shard_batch({'image': broken, 'label': label}, mesh))
+  state, metrics = step(state, sharding.shard_batch({'image': broken, 'label': label}, mesh))
   after = jax.device_get(state)
   assert float(metrics['nonfinite']) == 1.0 and int(after.step) == 1
   jax.tree.map(np.testing.assert_array_equal, after.replace(step=before.step), before)
-  state, metrics = step(state, train.shard_batch({'image': image, 'label': label}, mesh))
+  state, metrics = step(state, sharding.shard_batch({'image': image, 'label': label}, mesh))
   assert float(metrics['nonfinite']) == 0.0 and int(state.step) == 2
   assert not np.array_equal(jax.device_get(state.params['conv1']['kernel']),
                             before.params['conv1']['kernel'])

@@ -13,6 +13,7 @@ from configs import test as test_config
 from depthuda import evaluate as metrics_lib
 from depthuda import losses
 from depthuda import models
+from depthuda import sharding
 from depthuda import train
 from depthuda import validation
 from depthuda.data import pipeline
@@ -126,7 +127,7 @@ def test_split_over_devices_equals_one_device_and_uses_the_variables_in_place(mo
   monkeypatch.setattr(validation, '_logits', spy)
   counts = {}
   for n in (1, 2):
-    mesh = train.make_mesh(jax.devices()[:n])
+    mesh = sharding.make_mesh(jax.devices()[:n])
     placed = validation.on_mesh(variables, mesh)
     seen.clear()
     counts[n] = validation.evaluate(config, seg, placed, mesh=mesh)['confusion_matrix']

@@ -6,6 +6,7 @@ import pytest
 from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 
+from depthuda import density
 from depthuda import gmm
 from depthuda import gmm_streaming
 
@@ -151,21 +152,21 @@ def test_fit_streaming_resumed_equals_uninterrupted():
 
 
 def test_fit_streaming_on_shared_grid_points():
-  """Chunks of grid cells shared by all classes (class_points) give the per-class fit."""
+  """Chunks of grid cells shared by all classes (density.class_points) give the per-class fit."""
   rng = np.random.default_rng(4)
   labels = rng.integers(0, 4, (6, 12, 20))
   labels[labels == 3] = 255  # ignore: in no class
   labels[:, :6] = np.where(labels[:, :6] == 0, 1, labels[:, :6])
   depth = rng.gamma(2.0, 10.0, labels.shape).astype(np.float32) + 1
   num_classes = 3
-  points, mask = gmm.class_points(labels, depth, num_classes)
+  points, mask = density.class_points(labels, depth, num_classes)
   per_class = np.broadcast_to(np.asarray(points), (num_classes,) + points.shape).copy()
   # The k-means starts run on a sample of each class's points (fewer than it has).
   expected = gmm.fit(per_class, np.asarray(mask), num_components=3, seed=1, sample_size=200)
 
   def chunks():
     for i in range(0, 6, 2):
-      yield gmm.class_points(labels[i:i + 2], depth[i:i + 2], num_classes)
+      yield density.class_points(labels[i:i + 2], depth[i:i + 2], num_classes)
 
   params, _ = gmm_streaming.fit_streaming(chunks, per_class, np.asarray(mask), num_components=3,
                                           seed=1, sample_size=200)

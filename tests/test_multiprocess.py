@@ -1,7 +1,7 @@
 """Data parallel over processes: two `jax.distributed` processes equal one process.
 
 Two processes on localhost (CPU devices, gloo collectives), each feeding its half of the global
-batch through `train.shard_batch`, run a few adapt steps of a tiny config; their losses must be
+batch through `sharding.shard_batch`, run a few adapt steps of a tiny config; their losses must be
 those of one process with the same number of devices. The file is also the worker script:
 `python tests/test_multiprocess.py PROCESS_ID NUM_PROCESSES PORT OUT.json` (devices per process
 from XLA_FLAGS). Then `depthuda.main` itself on two processes of two devices each: a signal to

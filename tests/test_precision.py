@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthuda import models
+from depthuda import sharding
 from depthuda import train
 from test_train import _batches, _config, _gmm_params
 
@@ -27,20 +28,20 @@ def _equations(jaxpr, primitive: str) -> list:
 
 def test_bfloat16_compute_keeps_state_and_losses_float32():
   config = _config(compute_dtype='bfloat16')
-  mesh = train.make_mesh(jax.devices()[:1])
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   assert seg.dtype == jnp.bfloat16
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
-  state = train.replicate(state, mesh)
-  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+  state = sharding.replicate(state, mesh)
+  step = sharding.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                  disc_tx=disc_tx, config=config)
-  params = train.replicate(_gmm_params(), mesh)
+  params = sharding.replicate(_gmm_params(), mesh)
   batch = _batches(1, 1, config)[0]
   # SYNTHIA's raw depth 0 (inverse depth 65,536) and a value bfloat16 cannot hold: the depth
   # target and its losses are float32 whatever the compute dtype.
   batch['source']['depth'][0, 5, :4] = (65536.0, 64270.0, 65536.0, 64270.0)
   batch['source']['depth_grid'][0, 1, :2] = (65536.0, 64270.0)
-  batch = train.shard_batch(batch, mesh)
+  batch = sharding.shard_batch(batch, mesh)
   # The segmenter's convolutions, forward and gradients, take bfloat16 operands; the only
   # float32 ones are the discriminator's (it is built in float32).
   convs = _equations(jax.make_jaxpr(step)(state, batch, params).jaxpr, 'conv_general_dilated')

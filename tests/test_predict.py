@@ -18,6 +18,7 @@ from depthuda import converted
 from depthuda import losses
 from depthuda import predict
 from depthuda import models
+from depthuda import sharding
 from depthuda import train
 from depthuda import visualize
 from tests import main_runs
@@ -155,8 +156,8 @@ def test_predict_splits_each_batch_over_the_devices(setup, tmp_path, monkeypatch
                          str(tmp_path), batch_size=2)
   devices = set(jax.local_devices())
   assert len(devices) == 4 and seen
-  for size, sharding in seen:
-    assert size == 4 and sharding.device_set == devices and sharding.spec[0] == train.AXIS
+  for size, split in seen:
+    assert size == 4 and split.device_set == devices and split.spec[0] == sharding.AXIS
 
 
 def test_rendered_pngs_of_a_known_model(setup, tmp_path):

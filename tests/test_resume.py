@@ -19,7 +19,7 @@ from depthuda import gmm_streaming
 from depthuda import models
 from depthuda import pseudo
 from depthuda import reporting
-from depthuda import train
+from depthuda import sharding
 from depthuda.data import pipeline
 from depthuda.errors import InputError
 from depthuda.stages import fit_gmm
@@ -186,8 +186,8 @@ def test_pseudo_labels_are_predicted_one_image_per_device(labelled_workdir, monk
   pseudo_label.run(config, workdir)
   devices = set(jax.local_devices())
   assert len(devices) == 4 and seen
-  for sharding in seen:
-    assert sharding.device_set == devices and sharding.spec[0] == train.AXIS
+  for split in seen:
+    assert split.device_set == devices and split.spec[0] == sharding.AXIS
 
   seg, _ = models.build(config)
   with checkpointing.StageCheckpoints(os.path.join(workdir, 'adapt')) as ckpts:

@@ -9,6 +9,7 @@ from configs import test as test_config
 from depthuda import gmm
 from depthuda import losses
 from depthuda import models
+from depthuda import sharding
 from depthuda import train
 
 C = 7
@@ -62,12 +63,12 @@ def _batches(num, batch, config, seed=0):
 
 def _sharded_adapt_step(config, devices):
   """(mesh, replicated initial state, jitted adapt step) over `devices` (None: all)."""
-  mesh = train.make_mesh(devices)
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  mesh = sharding.make_mesh(devices)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
-  step = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+  step = sharding.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                  disc_tx=disc_tx, config=config)
-  return mesh, train.replicate(state, mesh), step
+  return mesh, sharding.replicate(state, mesh), step
 
 
 def _steps(config, devices, batches, local=slice(None)):
@@ -75,11 +76,11 @@ def _steps(config, devices, batches, local=slice(None)):
   feeding its `local` part. Returns the state on device, the metrics (replicated, so any
   device's copy is the value) on the host, and the step function."""
   mesh, state, step = _sharded_adapt_step(config, devices)
-  params = train.replicate(_gmm_params(), mesh)
+  params = sharding.replicate(_gmm_params(), mesh)
   history = []
   for batch in batches:
     mine = jax.tree.map(lambda x: x[local], batch)
-    state, metrics = step(state, train.shard_batch(mine, mesh), params)
+    state, metrics = step(state, sharding.shard_batch(mine, mesh), params)
     history.append({k: np.asarray(v.addressable_data(0)) for k, v in metrics.items()})
   return state, history, step
 
@@ -101,7 +102,7 @@ def test_four_devices_equal_one_device():
   # (a summation-order difference of 1e-7 grows to 1e-4 within 5 steps).
   config = _config(**{'optim.lr': 2.5e-4, 'model.head_init': 'normal'})
   batches = _batches(5, 4, config)
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   state0 = jax.device_get(train.init_state(config, seg, disc)[0])
   state1, hist1, _ = _run(config, jax.devices()[:1], batches)
   state4, hist4, _ = _run(config, jax.devices()[:4], batches)
@@ -149,7 +150,7 @@ def test_segmenter_update_ignores_discriminator_loss():
 def test_source_only_leaves_discriminator_untouched():
   config = _config(**{'loss.lambda_adv': 0.0, 'loss.lambda_bal_tgt': 0.0,
                       'loss.lambda_bal_src': 0.0, 'loss.lambda_depth': 0.0})
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   before, _, _ = train.init_state(config, seg, disc)
   after, history, _ = _run(config, jax.devices()[:1], _batches(2, 2, config))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(before.disc_params), after.disc_params)
@@ -159,7 +160,7 @@ def test_source_only_leaves_discriminator_untouched():
 def test_frozen_batchnorm_affine_parameters_do_not_move():
   config = _config()
   after, _, _ = _run(config, jax.devices()[:1], _batches(2, 2, config))
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   before, _, _ = train.init_state(config, seg, disc)
   mask = models.frozen_mask(after.params)
   moved = jax.tree.map(lambda m, a, b: bool(m) and not np.array_equal(a, b), mask,
@@ -213,8 +214,8 @@ def test_target_pass_waits_for_the_whole_source_gradient():
   (and the BN statistics), so on GPU/TPU the source activations are freed first."""
   config = _config()
   mesh, state, step = _sharded_adapt_step(config, jax.devices()[:2])
-  batch = train.shard_batch(_batches(1, 2, config)[0], mesh)
-  closed = jax.make_jaxpr(step)(state, batch, train.replicate(_gmm_params(), mesh))
+  batch = sharding.shard_batch(_batches(1, 2, config)[0], mesh)
+  closed = jax.make_jaxpr(step)(state, batch, sharding.replicate(_gmm_params(), mesh))
   (inner,) = _jaxprs_with(closed.jaxpr, 'optimization_barrier')
   (barrier,) = [e for e in inner.eqns if e.primitive.name == 'optimization_barrier']
   n_params = len(jax.tree.leaves(state.params))
@@ -317,14 +318,14 @@ def test_density_losses_off_zero_their_terms_and_gradients():
 
 
 def _self_train_run(config, devices, batches):
-  mesh = train.make_mesh(devices)
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  mesh = sharding.make_mesh(devices)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   state, seg_tx, _ = train.init_state(config, seg, disc)
-  step = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
+  step = sharding.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
                                  config=config)
-  state, history = train.replicate(state, mesh), []
+  state, history = sharding.replicate(state, mesh), []
   for batch in batches:
-    state, metrics = step(state, train.shard_batch(batch, mesh))
+    state, metrics = step(state, sharding.shard_batch(batch, mesh))
     history.append(float(metrics['loss_seg'].addressable_data(0)))
   return jax.device_get(state), history
 
@@ -334,7 +335,7 @@ def test_self_train_two_devices_equal_one_device():
   config = _config(**{'optim.lr': 2.5e-4})
   batches = [{'image': b['target']['image'], 'label': b['source']['label']}
              for b in _batches(2, 2, config)]
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   start = jax.device_get(train.init_state(config, seg, disc)[0].params)
   one, loss1 = _self_train_run(config, jax.devices()[:1], batches)
   two, loss2 = _self_train_run(config, jax.devices()[:2], batches)
@@ -349,23 +350,23 @@ def test_both_steps_sum_gradients_with_one_explicit_psum(monkeypatch):
   `_sum_over_devices` (one mechanism, not shard_map's transpose in one step and psum in the
   other): traced, it receives the segmenter's gradient in both steps and D's in adapt_step."""
   config = _config()
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   state, seg_tx, disc_tx = train.init_state(config, seg, disc)
-  mesh = train.make_mesh(jax.devices()[:2])
+  mesh = sharding.make_mesh(jax.devices()[:2])
   summed, sum_over_devices = [], train._sum_over_devices
   def record(grads, axis_name):
     summed.append(jax.tree.structure(grads))
-    assert axis_name == train.AXIS
+    assert axis_name == sharding.AXIS
     return sum_over_devices(grads, axis_name)
   monkeypatch.setattr(train, '_sum_over_devices', record)
-  batch = train.shard_batch(_batches(1, 2, config)[0], mesh)
-  state = train.replicate(state, mesh)
-  adapt = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+  batch = sharding.shard_batch(_batches(1, 2, config)[0], mesh)
+  state = sharding.replicate(state, mesh)
+  adapt = sharding.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                   disc_tx=disc_tx, config=config)
-  jax.eval_shape(adapt, state, batch, train.replicate(_gmm_params(), mesh))
+  jax.eval_shape(adapt, state, batch, sharding.replicate(_gmm_params(), mesh))
   assert summed == [jax.tree.structure(state.params), jax.tree.structure(state.disc_params)]
   summed.clear()
-  self_train = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
+  self_train = sharding.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
                                        config=config)
   jax.eval_shape(self_train, state, {'image': batch['target']['image'],
                                      'label': batch['source']['label']})
@@ -373,13 +374,13 @@ def test_both_steps_sum_gradients_with_one_explicit_psum(monkeypatch):
 
 
 def test_prefetch_to_mesh_puts_batches_on_the_mesh_ahead_of_the_consumer():
-  mesh = train.make_mesh(jax.devices()[:2])
+  mesh = sharding.make_mesh(jax.devices()[:2])
   taken = []
   def source():
     for i in range(4):
       taken.append(i)
       yield {'x': np.full((2, 3), i, np.float32)}
-  stream = train.prefetch_to_mesh(source(), mesh, size=2)
+  stream = sharding.prefetch_to_mesh(source(), mesh, size=2)
   first = next(stream)
   assert taken == [0, 1]  # while step 0 runs, batch 1 is already on its way to the devices
   assert first['x'].sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))

@@ -2,7 +2,7 @@
 
 Both stages share the loop: build the mesh and state, restore the latest checkpoint if any,
 stream process-local batches from the step where the checkpoint left off (sharded onto the
-mesh ahead of the step, `train.prefetch_to_mesh`), run the jitted sharded step, then the
+mesh ahead of the step, `sharding.prefetch_to_mesh`), run the jitted sharded step, then the
 periodic actions (`clu.periodic_actions`): log on log steps (TensorBoard and an INFO line with
 the losses, learning rates, steps/s and ETA), evaluate on eval steps (keeping the best model),
 image panels, one metrics.jsonl object per logged or evaluated step, checkpoint.
@@ -34,6 +34,7 @@ from depthuda import gmm_record
 from depthuda import losses
 from depthuda import models
 from depthuda import reporting
+from depthuda import sharding
 from depthuda import train
 from depthuda import validation
 from depthuda.errors import InputError
@@ -165,12 +166,12 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: str,
     raise InputError(f"config.nonfinite={config.nonfinite!r}: expected 'stop' or 'skip'")
   stage_dir = fileio.Path(workdir) / stage
   num_steps = config[stage].num_steps
-  mesh = train.make_mesh()
+  mesh = sharding.make_mesh()
   try:
-    train.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
   except ValueError as e:
     raise InputError(str(e)) from None
-  seg, disc = models.build(config, axis_name=train.AXIS)
+  seg, disc = models.build(config, axis_name=sharding.AXIS)
   # Leaving the block waits for the last save.
   with checkpointing.StageCheckpoints(stage_dir, keep=config.keep_checkpoints,
                                       resume=True) as ckpts:
@@ -185,7 +186,7 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
   # A resumed run overwrites the initial variables: it needs no `init_from` any more.
   state, seg_tx, disc_tx = train.init_state(
       config, seg, disc, None if resuming else initial_variables(config, workdir, stage, seg))
-  state = train.replicate(state, mesh)
+  state = sharding.replicate(state, mesh)
   meta = {'step': 0, 'best_miou': -1.0, 'best_step': -1, 'skipped_steps': 0}
   if resuming:
     state, meta = ckpts.restore(state)
@@ -199,17 +200,17 @@ def _train(stage: str, config: ml_collections.ConfigDict, workdir: str,
   if stage == 'adapt':
     weights = losses.loss_weights(config.loss)
     needs_gmm = weights['loss_bal_src'] > 0 or weights['loss_bal_tgt'] > 0
-    gmm_params = train.replicate(gmm_record.load_params(workdir), mesh) if needs_gmm else None
-    step_fn = train.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
+    gmm_params = sharding.replicate(gmm_record.load_params(workdir), mesh) if needs_gmm else None
+    step_fn = sharding.make_sharded_step(train.adapt_step, mesh, seg=seg, disc=disc, seg_tx=seg_tx,
                                       disc_tx=disc_tx, config=config)
     extra = (gmm_params,)
   else:
-    step_fn = train.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
+    step_fn = sharding.make_sharded_step(train.self_train_step, mesh, seg=seg, seg_tx=seg_tx,
                                       config=config)
     extra = ()
 
   log = reporting.MetricsLog(stage_dir, start_step=start)
-  stream = train.prefetch_to_mesh(batches(start), mesh)
+  stream = sharding.prefetch_to_mesh(batches(start), mesh)
   bar = reporting.Progress(total=num_steps, initial=start, desc=stage, log_seconds=None)
   metrics = _StepMetrics(lambda pending: _check_steps(stage, config, pending, meta, ckpts, bar))
 
