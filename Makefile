@@ -8,6 +8,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/toy
+# Test processes: XLA's compiler, most of the suite's time, uses one core per process. Each
+# needs up to ~5.5 GB (the serial suite peaked at 5.4 GB resident).
+TEST_JOBS ?= 2
 
 .PHONY: demo test test-cluster rehearse install clean
 
@@ -32,7 +35,7 @@ demo: install
 	$(PY) -m depthuda.main --config=configs/toy.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests -m 'not cluster'
+	$(PY) -m pytest tests -m 'not cluster' -n $(TEST_JOBS)
 
 test-cluster: $(VENV)/.installed-test
 	$(PY) -m pytest tests -m cluster

@@ -1,12 +1,24 @@
 """Every test process sees 4 CPU devices, so multi-device code is tested against 1 device."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tiny models: compile time dominates, so XLA's backend optimisations are not worth it.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4 '
                       '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# JAX's persistent compilation cache, one per test session (pytest-xdist's workers inherit it
+# from the process that starts them): identical programs compile once across tests and across
+# the `depthuda.main` subprocesses. A loaded program is the compiled one, so results are equal.
+if 'DEPTHUDA_TEST_XLA_CACHE' not in os.environ:
+  os.environ['DEPTHUDA_TEST_XLA_CACHE'] = tempfile.mkdtemp(prefix='depthuda-test-xla-cache-')
+  atexit.register(shutil.rmtree, os.environ['DEPTHUDA_TEST_XLA_CACHE'], ignore_errors=True)
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.environ['DEPTHUDA_TEST_XLA_CACHE'])
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import uuid
 
