@@ -22,6 +22,9 @@ HEIGHT=${HEIGHT:-760}
 WIDTH=${WIDTH:-1280}
 LAYERS=${LAYERS:-101}
 BASE_WIDTH=${BASE_WIDTH:-64}
+# Caps (seconds) that keep the GPU run within its 5 minutes; a rehearsal on a busy CPU raises them.
+STEP_TIMEOUT=${STEP_TIMEOUT:-135}
+DENSITY_TIMEOUT=${DENSITY_TIMEOUT:-20}
 mkdir -p "${OUTDIR}"
 
 if ! "${PY}" -c 'import ml_collections' 2>/dev/null; then
@@ -43,13 +46,13 @@ fi
 
 status=0
 for dtype in float32 bfloat16; do
-  timeout 135 "${PY}" benchmarks/train_step.py --height="${HEIGHT}" --width="${WIDTH}" \
+  timeout "${STEP_TIMEOUT}" "${PY}" benchmarks/train_step.py --height="${HEIGHT}" --width="${WIDTH}" \
     --layers="${LAYERS}" --base_width="${BASE_WIDTH}" --steps="${STEPS}" --dtype="${dtype}" \
     --json="${OUTDIR}/train_step_${dtype}.json" \
     2>&1 | tee "${OUTDIR}/train_step_${dtype}.log" || status=$?
 done
 # The density targets on the device, against the per-pixel loop (one row timed): their share
 # of the iteration is this time over the median iteration above.
-timeout 20 "${PY}" benchmarks/density.py --loop_rows=1 2>&1 | tee "${OUTDIR}/density.log" \
+timeout "${DENSITY_TIMEOUT}" "${PY}" benchmarks/density.py --loop_rows=1 2>&1 | tee "${OUTDIR}/density.log" \
   || status=$?
 exit "${status}"
