@@ -41,7 +41,7 @@ def make_sharded_step(step_fn: Callable, mesh: Mesh, **kwargs):
 
   def mapped(state, batch, *extra):
     return jax.shard_map(
-        lambda s, b, *e: per_device(s, b, *e), mesh=mesh,
+        per_device, mesh=mesh,
         in_specs=(P(), P(AXIS)) + (P(),) * len(extra), out_specs=(P(), P()))(state, batch, *extra)
 
   return jax.jit(mapped, donate_argnums=(0,))
