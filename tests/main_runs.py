@@ -161,10 +161,8 @@ def _shared_dir(tmp_path_factory) -> str:
 
 
 def _write_completed(path: str, completed: subprocess.CompletedProcess) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'returncode': completed.returncode, 'stdout': completed.stdout,
-               'stderr': completed.stderr}, f)
-  os.replace(path + '.tmp', path)
+  fileio.write_atomic(path, json.dumps({'returncode': completed.returncode,
+                                        'stdout': completed.stdout, 'stderr': completed.stderr}))
 
 
 def start_reference(tmp_path_factory) -> None:
