@@ -39,6 +39,9 @@ ARGS = ('--config.adapt.num_steps=8', '--config.checkpoint_every_steps=2',
         '--config.log_images_every_steps=0')
 # Seconds one run may take; DEPTHUDA_TEST_TIMEOUT gives more on a busy machine.
 TIMEOUT = int(os.environ.get('DEPTHUDA_TEST_TIMEOUT', '300'))
+# The runs shared by the session (reference, learned) run beside the test processes, each of
+# which may be compiling: on 2 cores under `make test` they get about a third of the machine.
+SHARED_TIMEOUT = 4 * TIMEOUT
 
 
 def command(workdir: str, *args: str, config: str = 'configs/test.py') -> list[str]:
@@ -54,7 +57,7 @@ def _stop_leftovers():
   """Runs a failed test left behind end with the session; the shared reference run, which
   other processes of the session may wait for, is waited for first."""
   if 'waiter' in _reference:
-    _reference['waiter'].join(timeout=2 * TIMEOUT)
+    _reference['waiter'].join(timeout=SHARED_TIMEOUT + 60)
   for process in _started:
     if process.poll() is None:
       process.kill()
@@ -160,7 +163,19 @@ def _shared_dir(tmp_path_factory) -> str:
   return str(base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base)
 
 
-def _write_completed(path: str, completed: subprocess.CompletedProcess) -> None:
+def _finish_and_record(process: subprocess.Popen, path: str) -> None:
+  """Waits for `process` and writes its outcome to `path`, also when it runs out of time (then
+  killed), so that every process waiting for the record learns the outcome at once."""
+  try:
+    completed = finish(process, timeout=SHARED_TIMEOUT)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    out, err = process.communicate()
+    completed = subprocess.CompletedProcess(
+        process.args, -9, out, f'{err}\n(killed: still running after {SHARED_TIMEOUT} s; '
+        'DEPTHUDA_TEST_TIMEOUT gives more on a busy machine)')
+  except BaseException as e:  # pylint: disable=broad-except
+    completed = subprocess.CompletedProcess(process.args, -1, '', f'waiting failed: {e!r}')
   fileio.write_atomic(path, json.dumps({'returncode': completed.returncode,
                                         'stdout': completed.stdout, 'stderr': completed.stderr}))
 
@@ -180,7 +195,7 @@ def start_reference(tmp_path_factory) -> None:
   if owner:
     process = start(workdir)
     _reference['waiter'] = threading.Thread(
-        target=lambda: _write_completed(workdir + '.json', finish(process)), daemon=True)
+        target=_finish_and_record, args=(process, workdir + '.json'), daemon=True)
     _reference['waiter'].start()
 
 
@@ -189,7 +204,7 @@ def reference_run(tmp_path_factory) -> subprocess.CompletedProcess:
   start_reference(tmp_path_factory)
   if 'completed' not in _reference:
     record = _reference['workdir'] + '.json'
-    deadline = time.monotonic() + 2 * TIMEOUT
+    deadline = time.monotonic() + SHARED_TIMEOUT + 60  # The owner's waiter records even a kill.
     while not os.path.exists(record):
       assert time.monotonic() < deadline, 'the reference run did not finish in time'
       time.sleep(0.2)
@@ -227,7 +242,7 @@ def learned_workdir(tmp_path_factory) -> str:
       if not os.path.exists(workdir + '.done'):
         shutil.rmtree(workdir, ignore_errors=True)
         copy_stages(reference_workdir(tmp_path_factory), workdir, ('fit_gmm',))
-        completed = finish(start(workdir, *LEARN_ARGS), timeout=2 * TIMEOUT)  # 6x adapt's steps
+        completed = finish(start(workdir, *LEARN_ARGS), timeout=SHARED_TIMEOUT)
         assert completed.returncode == 0, completed.stderr[-3000:]
         open(workdir + '.done', 'w').close()
     _reference['learned'] = workdir
