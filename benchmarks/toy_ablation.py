@@ -12,6 +12,7 @@ shared) with one switch changed from the method; each switch is one `--config.` 
   D sees entropy x depth loss.disc_input=entropy_depth (DADA-style)
   method, adapt          loss.disc_input=entropy_density (the default); self-training off
   no density losses      loss.density_losses=False
+  no target density loss loss.lambda_bal_tgt=0 (the source density loss kept)
   no spatial prior       pseudo.spatial_prior=False, then self-training
   method, full pipeline  adapt, pseudo-labels, self-training
 
@@ -61,6 +62,7 @@ RUNS = {
     'entropy': ('loss.disc_input=entropy',) + NO_SELF_TRAIN,
     'entropy_depth': ('loss.disc_input=entropy_depth',) + NO_SELF_TRAIN,
     'no_density': ('loss.density_losses=False',) + NO_SELF_TRAIN,
+    'no_bal_tgt': ('loss.lambda_bal_tgt=0',) + NO_SELF_TRAIN,
     'one_ulp': (f'optim.lr={ULP_LR!r}',) + NO_SELF_TRAIN,
     'full': (),
     'no_prior': ('pseudo.spatial_prior=False',),  # self-trains from full's adapt stage
@@ -74,10 +76,12 @@ ROWS = (('source-only', 'source_only', 'adapt'),
         ('D sees entropy x depth (DADA-style)', 'entropy_depth', 'adapt'),
         ('method: entropy x density, adapt', 'full', 'adapt'),
         ('method without density losses', 'no_density', 'adapt'),
+        ('method without the target density loss', 'no_bal_tgt', 'adapt'),
         ('method + self-training, no spatial prior', 'no_prior', 'self_train'),
         ('method + self-training (full pipeline)', 'full', 'self_train'))
 BASELINES = ('source-only', 'D sees entropy (AdvEnt)')
-DIAGNOSED = ('source_only', 'softmax', 'entropy', 'entropy_depth', 'full', 'no_density')
+DIAGNOSED = ('source_only', 'softmax', 'entropy', 'entropy_depth', 'full', 'no_density',
+             'no_bal_tgt')
 
 
 def _results(workdir: str) -> dict:

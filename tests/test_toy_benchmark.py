@@ -74,7 +74,8 @@ def test_tables_and_chart_from_finished_runs(tmp_path):
   seeds = [0, 1, 2]
   bench = toy_ablation.Bench(type('Args', (), {'root': str(tmp_path), 'config': 'c', 'set': []}))
   score = {'source_only': 40.0, 'softmax': 41.0, 'entropy': 42.0, 'entropy_depth': 42.5,
-           'full': 44.0, 'no_density': 43.0, 'one_ulp': 44.5, 'no_prior': 45.0}
+           'full': 44.0, 'no_density': 43.0, 'no_bal_tgt': 43.5, 'one_ulp': 44.5,
+           'no_prior': 45.0}
   for s in seeds:
     for run, base in score.items():
       os.makedirs(bench.workdir(s, run))
