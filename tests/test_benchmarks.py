@@ -160,3 +160,24 @@ def test_hostmem_cpu_only_follows_jax_platforms_then_installed_plugins(monkeypat
   assert not hostmem.cpu_only()
   monkeypatch.setattr(importlib.metadata, 'entry_points', lambda group: [])
   assert hostmem.cpu_only()
+
+
+def test_loss_gradients_reach_only_the_parts_each_term_trains(tmp_path_factory):
+  """benchmarks/loss_gradients.py on the test config: each weighted term's gradient reaches
+  exactly the parts METHOD §5 says it trains. The density losses move the density head and the
+  trunk only: their targets take the class from the classifier's argmax and, on the target, z
+  from the depth head's output, detached (without that stop-gradient the target density loss
+  reaches the depth head, and this test fails). D's input is entropy x density, so the
+  adversarial term moves the classifier and the density head."""
+  import main_runs  # pylint: disable=import-outside-toplevel
+  import loss_gradients  # pylint: disable=import-outside-toplevel
+  from configs import test as test_config  # pylint: disable=import-outside-toplevel
+  workdir = main_runs.reference_workdir(tmp_path_factory)
+  config = test_config.get_config()
+  reaches = {name: {part for part, norm in norms.items() if norm > 0}
+             for name, (_, norms) in loss_gradients.term_gradients(config, workdir).items()}
+  assert reaches == {'loss_seg': {'trunk', 'classifier'},
+                     'loss_depth': {'trunk', 'depth_head'},
+                     'loss_bal_src': {'trunk', 'density_head'},
+                     'loss_bal_tgt': {'trunk', 'density_head'},
+                     'loss_adv': {'trunk', 'classifier', 'density_head'}}
