@@ -29,11 +29,6 @@ from depthuda import train  # pylint: disable=wrong-import-position
 from depthuda.data import pipeline  # pylint: disable=wrong-import-position
 from depthuda.stages import training  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/toy.py', 'experiment config')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'a run whose fit_gmm stage is done',
-                               required=True)
-_HEAD_INIT = flags.DEFINE_list('head_init', ['he', 'normal'], 'head initialisations to compare')
-
 SOURCE_TERMS = ('loss_seg', 'loss_depth', 'loss_bal_src')
 TARGET_TERMS = ('loss_bal_tgt', 'loss_adv')
 PARTS = ('trunk', 'classifier', 'density_head', 'depth_head')
@@ -77,6 +72,15 @@ def term_gradients(config, workdir: str) -> dict[str, tuple[float, dict[str, flo
   return out
 
 
+def _define_flags():
+  """The command line's flags, defined when run as a script (importing this module, as the
+  tests do beside depthuda's own commands, defines none)."""
+  return (config_flags.DEFINE_config_file('config', 'configs/toy.py', 'experiment config'),
+          flags.DEFINE_string('workdir', None, 'a run whose fit_gmm stage is done',
+                              required=True),
+          flags.DEFINE_list('head_init', ['he', 'normal'], 'head initialisations to compare'))
+
+
 def main(argv):
   del argv
   for head_init in _HEAD_INIT.value:
@@ -89,4 +93,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _CONFIG, _WORKDIR, _HEAD_INIT = _define_flags()
   app.run(main)
