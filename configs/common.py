@@ -124,6 +124,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.pretrain.num_steps = 0
   c.pretrain.seed = 1  # the scenes' generator seed; the toy's own datasets use 0
   c.pretrain.num_images = 400
+  c.pretrain.lr = 1e-2  # the pretraining's SGD rate (its own: `optim.lr` is the adaptation's)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_images = 0  # 0: the whole validation set.

@@ -162,7 +162,8 @@ _RULES = {
         'keep_checkpoints', 'model.width', 'model.disc_ndf', 'data.shuffle_buffer',
         'optim.lr', 'optim.disc_lr', 'optim.poly_horizon', 'gmm.num_components', 'gmm.max_iters',
         'gmm.density_scale', 'gmm.var_floor', 'data.toy_num_source', 'data.toy_num_target_train',
-        'data.toy_num_target_val', 'data.toy_num_target_test', 'pretrain.num_images')},
+        'data.toy_num_target_val', 'data.toy_num_target_test', 'pretrain.num_images',
+        'pretrain.lr')},
     **{name: (_non_negative, 'zero or more') for name in (
         'log_images_every_steps', 'adapt.num_steps', 'self_train.num_steps', 'eval.num_images',
         'eval.num_panels', 'gmm.tol', 'optim.momentum', 'optim.weight_decay', 'optim.poly_power',

@@ -9,7 +9,9 @@ This module makes a start of that kind with depthuda's own code: it renders a se
 use seed 0, so the adaptation never sees them), trains the segmenter on their 16-class
 segmentation (a finer label set than the experiment's 7 classes, as ImageNet's 1,000 are not
 the experiment's) for `pretrain.num_steps` steps of `train.self_train_step` (unweighted
-cross-entropy, the config's SGD and batch, a poly schedule over those steps), and keeps the
+cross-entropy, the config's SGD and batch at `pretrain.lr`, a poly schedule over those steps;
+the adaptation's own `optim.lr` leaves the trunk alone, so runs that vary it share one), and
+keeps the
 ResNet trunk alone, written where `init_from` points in the format of an ImageNet conversion
 (`depthuda.converted`). Adaptation then initialises the classifier and heads itself (the
 original's N(0, 0.01)) and loads the trunk over them, as it does with ImageNet weights.
@@ -54,7 +56,7 @@ def settings(config: ml_collections.ConfigDict) -> dict:
           'input_size': list(config.data.input_size), 'batch_size': config.batch_size,
           'layers': list(config.model.layers), 'width': config.model.width,
           'bn_mode': config.model.bn_mode, 'compute_dtype': config.compute_dtype,
-          'lr': config.optim.lr, 'momentum': config.optim.momentum,
+          'lr': config.pretrain.lr, 'momentum': config.optim.momentum,
           'weight_decay': config.optim.weight_decay, 'poly_power': config.optim.poly_power}
 
 
@@ -80,6 +82,7 @@ def pretraining_config(config: ml_collections.ConfigDict, scenes: str
     c.data.tfds_dir = os.path.join(scenes, 'tfds')
     c.data.num_classes = NUM_CLASSES
     c.loss.class_weights = None
+    c.optim.lr = config.pretrain.lr
     c.optim.poly_horizon = config.pretrain.num_steps
     c.self_train.num_steps = config.pretrain.num_steps
   return c

@@ -48,3 +48,24 @@ def test_pretrained_trunk_is_made_once_reused_remade_and_loaded(tmp_path):
   assert pretrain.ensure(config)
   with open(os.path.join(config.init_from, 'pretrain.json')) as f:
     assert json.load(f)['steps'] == 4
+
+
+def test_adaptation_learning_rate_leaves_the_pretrained_trunk_current(tmp_path):
+  """The pretrained trunk depends on the pretraining's own settings: a run that changes the
+  adaptation's learning rate (the toy benchmark's one-ulp row) reuses the trunk the other runs
+  use, instead of making one at its own rate over the shared folder."""
+  from configs import toy  # pylint: disable=import-outside-toplevel
+  config = toy.get_config()
+  config.init_from = str(tmp_path / 'pretrained')
+  os.makedirs(config.init_from)
+  with open(os.path.join(config.init_from, pretrain.RECORD), 'w') as f:
+    json.dump(pretrain.settings(config), f)
+  assert pretrain.is_current(config)
+  rerun = config.copy_and_resolve_references()
+  rerun.optim.lr = float(np.nextafter(np.float32(config.optim.lr), np.float32(1)))
+  assert pretrain.is_current(rerun)
+  assert pretrain.pretraining_config(rerun, str(tmp_path)).optim.lr == config.pretrain.lr
+  other = config.copy_and_resolve_references()
+  other.pretrain.lr = config.pretrain.lr / 2
+  assert not pretrain.is_current(other)
+  assert pretrain.pretraining_config(other, str(tmp_path)).optim.lr == config.pretrain.lr / 2
