@@ -37,7 +37,6 @@ def get_config():
   c.init_from = 'data/toy/pretrained'
   c.pretrain.num_steps = 1_000
   c.pretrain.num_images = 400
-  c.pretrain.lr = 1e-2  # its own: rows that vary optim.lr (the one-ulp row) share the trunk
   c.data.toy = True
   c.data.cache_decoded = True
   c.data.source_dir = 'data/toy/SYNTHIA-RAND-CITYSCAPES'

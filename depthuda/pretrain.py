@@ -11,10 +11,9 @@ segmentation (a finer label set than the experiment's 7 classes, as ImageNet's 1
 the experiment's) for `pretrain.num_steps` steps of `train.self_train_step` (unweighted
 cross-entropy, the config's SGD and batch at `pretrain.lr`, a poly schedule over those steps;
 the adaptation's own `optim.lr` leaves the trunk alone, so runs that vary it share one), and
-keeps the
-ResNet trunk alone, written where `init_from` points in the format of an ImageNet conversion
-(`depthuda.converted`). Adaptation then initialises the classifier and heads itself (the
-original's N(0, 0.01)) and loads the trunk over them, as it does with ImageNet weights.
+keeps the ResNet trunk alone, written where `init_from` points in the format of an ImageNet
+conversion (`depthuda.converted`). Adaptation then initialises the classifier and heads itself
+(the original's N(0, 0.01)) and loads the trunk over them, as it does with ImageNet weights.
 
 The folder's `pretrain.json` records the settings it was made from (its content key): a run with
 the same settings reuses it, other settings make it again. Same settings, same machine: same
